@@ -1,0 +1,722 @@
+"""Track every object that matches a few text prompts through videos with SAM3.
+
+For each video this writes, under OUTPUT_DIR/<stem>/:
+  <stem>_segmented.mp4   H.264 (yuv420p, faststart) with each object's mask, box, ID and prompt drawn
+  <stem>_metadata.json   what was processed and found; written last, so its presence means "complete"
+  <stem>_error.json      only when the video failed: one line saying why
+
+Usage:
+  python process_segmentation.py match.mp4
+  python process_segmentation.py videos/ other.mov --prompts "soccer player" ball --sample-fps 2
+  python process_segmentation.py /data/videos --shard-index 3 --num-shards 10   # this job's share
+
+Frames are decoded, tracked, drawn and encoded one at a time, and the model is loaded once per run.
+Exit status: 0 when every video is complete, 1 when any video failed, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+DEFAULT_MODEL = "facebook/sam3"
+DEFAULT_PROMPTS = ("soccer player", "ball")
+DEFAULT_SAMPLE_FPS = 1.0
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
+MAX_PROMPT_TOKENS = 32  # SAM3's text encoder pads every prompt to exactly this many tokens
+ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
+MASK_ALPHA = 0.5
+# tab20-like, reordered so that consecutive IDs get contrasting colours. RGB.
+PALETTE = np.array(
+    [
+        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+        (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 187, 120),
+        (174, 199, 232), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
+        (247, 182, 210), (219, 219, 141), (158, 218, 229), (127, 127, 127), (255, 255, 255),
+    ],
+    dtype=np.uint8,
+)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem with the command line or environment that stops the whole run (exit 2)."""
+
+
+class VideoError(Exception):
+    """A problem with one input video that a user can fix; it fails that video only."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledFrame:
+    """One decoded frame chosen by the sampler."""
+
+    source_index: int  # index of the frame in decode order
+    timestamp: float  # seconds since the first frame
+    rgb: np.ndarray  # (H, W, 3) uint8 RGB
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """SAM3's objects on one frame, on the CPU."""
+
+    object_ids: np.ndarray  # (N,) int64, stable across the frames of one video
+    prompts: list[str]  # N prompt texts
+    scores: np.ndarray  # (N,) float32 detection scores
+    boxes: np.ndarray  # (N, 4) float32 XYXY pixels
+    masks: np.ndarray  # (N, H, W) bool
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video before decoding it."""
+
+    width: int
+    height: int
+    fps: Fraction  # average frame rate
+    duration: float | None  # seconds, None when the container does not say
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmenter:
+    """The model and everything needed to run it, built once per process."""
+
+    model: Any  # transformers.Sam3VideoModel
+    processor: Any  # transformers.Sam3VideoProcessor
+    model_name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class ObjectTrack:
+    """Running summary of one object ID across a video."""
+
+    object_id: int
+    prompt: str
+    first_frame: int
+    last_frame: int
+    first_time: float
+    last_time: float
+    frames_present: int = 0
+    max_score: float = 0.0
+    score_sum: float = 0.0
+
+
+def log(message: str) -> None:
+    """Print a log line without breaking the progress bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def redact(text: str) -> str:
+    """Remove the Hugging Face token from a message that may end up on screen or on disk."""
+    token = os.environ.get("HF_TOKEN")
+    return text.replace(token, "***") if token else text
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as a single line: the message, or the type name when there is none.
+
+    FFmpeg errors carry errno and file name in their text; their plain reason reads better.
+    """
+    reason = error.strerror if isinstance(error, av.FFmpegError) and error.strerror else str(error)
+    return redact(" ".join(reason.split()) or type(error).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and videos
+# ---------------------------------------------------------------------------------------------
+
+
+def default_output_dir() -> Path:
+    """Under /outputs when it exists (the bucket mounted by the SkyPilot YAMLs), else here."""
+    outputs = Path("/outputs")
+    return outputs / "segmentation_results" if outputs.is_dir() else Path("segmentation_results")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Text-prompted video segmentation with SAM3: overlay MP4 + metadata JSON per video.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, help="video files or folders of videos (searched recursively)")
+    parser.add_argument("--output-dir", type=Path, default=default_output_dir(), help="where results go")
+    parser.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="text prompts, one object class each")
+    parser.add_argument("--sample-fps", type=float, default=DEFAULT_SAMPLE_FPS, help="frames per second of video to process; 0 = every frame")
+    parser.add_argument("--max-frames", type=int, default=0, help="stop each video after this many sampled frames; 0 = no limit")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model ID or local directory")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available")
+    parser.add_argument("--overwrite", action="store_true", help="redo videos whose results are already complete")
+    parser.add_argument("--shard-index", type=int, default=0, help="which share of the videos this process takes (0-based)")
+    parser.add_argument("--num-shards", type=int, default=1, help="how many shares the videos are split into")
+    args = parser.parse_args(argv)
+    if args.max_frames < 0:
+        parser.error(f"--max-frames must be 0 or more, got {args.max_frames}")
+    if not math.isfinite(args.sample_fps):
+        parser.error(f"--sample-fps must be a number, got {args.sample_fps}")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}")
+    args.prompts = [" ".join(prompt.split()) for prompt in args.prompts]
+    if not all(args.prompts):
+        parser.error("--prompts must not contain empty text")
+    if len(set(args.prompts)) != len(args.prompts):
+        parser.error(f"--prompts has duplicates: {args.prompts}")
+    return args
+
+
+def collect_videos(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded to their video files (recursively, sorted).
+
+    A path that does not exist is kept, so that it fails as a video with its own error record.
+    """
+    videos: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+            if not found:
+                raise UsageError(f"{path}: folder has no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+            videos.extend(found)
+        else:
+            videos.append(path)
+    videos = list(dict.fromkeys(videos))
+    stems: dict[str, Path] = {}
+    for video in videos:
+        if video.stem in stems:
+            raise UsageError(f"{video} and {stems[video.stem]} would both write to <output-dir>/{video.stem}/: rename one")
+        stems[video.stem] = video
+    return videos
+
+
+def probe_duration(path: Path) -> float | None:
+    """Duration in seconds from the container header, without decoding; None if unknown."""
+    try:
+        with av.open(str(path)) as container:
+            if container.duration:
+                return container.duration / av.time_base
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except (av.FFmpegError, IndexError, OSError):
+        pass
+    return None
+
+
+def select_shard(videos: Sequence[Path], shard_index: int, num_shards: int) -> list[Path]:
+    """This shard's videos: largest first to the least-loaded shard, by duration (else file size).
+
+    Deterministic, so a recovered job with the same index picks the same videos; every video
+    lands in exactly one shard, and no shard exceeds the ideal load by more than one video.
+    """
+    if num_shards == 1:
+        return list(videos)
+    durations = [probe_duration(video) for video in videos]
+    if all(duration is not None for duration in durations):
+        weights = durations
+    else:  # a mix of seconds and bytes would be meaningless; a missing file weighs nothing
+        weights = [video.stat().st_size if video.is_file() else 0 for video in videos]
+    loads = [0.0] * num_shards
+    mine: list[Path] = []
+    for weight, video in sorted(zip(weights, videos), key=lambda item: (-item[0], str(item[1]))):
+        shard = min(range(num_shards), key=lambda index: (loads[index], index))
+        loads[shard] += weight
+        if shard == shard_index:
+            mine.append(video)
+    return sorted(mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_device(requested: str) -> tuple[torch.device, torch.dtype]:
+    """CUDA when asked or available, with bfloat16 where the GPU supports it; float32 on CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.device("cuda"), dtype
+
+
+def load_segmenter(model_name: str, requested_device: str) -> Segmenter:
+    """Load SAM3 once. A local directory loads offline; a hub ID uses HF_TOKEN for the gated checkpoint."""
+    from transformers import Sam3VideoModel, Sam3VideoProcessor
+
+    device, dtype = choose_device(requested_device)
+    looks_like_path = model_name.startswith((os.sep, ".", "~")) or model_name.count("/") > 1
+    if looks_like_path and not Path(model_name).expanduser().is_dir():
+        raise UsageError(f"cannot load model {model_name}: no such directory")
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        processor = Sam3VideoProcessor.from_pretrained(model_name, token=token)
+        model = Sam3VideoModel.from_pretrained(model_name, token=token, dtype=dtype)
+    except (OSError, ValueError) as error:
+        hint = "" if Path(model_name).is_dir() else " (is HF_TOKEN set, with access to the gated checkpoint?)"
+        raise UsageError(f"cannot load model {model_name}: {one_line(error)}{hint}") from None
+    return Segmenter(model.to(device).eval(), processor, model_name, device, dtype)
+
+
+def check_prompts(processor: Any, prompts: Sequence[str]) -> None:
+    """Reject prompts the text encoder cannot take, before any video is touched."""
+    for prompt in prompts:
+        tokens = len(processor.tokenizer(prompt).input_ids)
+        if tokens > MAX_PROMPT_TOKENS:
+            raise UsageError(
+                f'prompt "{prompt}" is {tokens} tokens; SAM3\'s text encoder takes at most {MAX_PROMPT_TOKENS}: shorten it'
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames in
+# ---------------------------------------------------------------------------------------------
+
+
+def read_video_info(container: av.container.InputContainer, path: Path) -> VideoInfo:
+    if not container.streams.video:
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not fps or not stream.width or not stream.height:
+        raise VideoError(f"{path}: video stream has no frame rate or size")
+    duration = container.duration / av.time_base if container.duration else None
+    return VideoInfo(width=stream.width, height=stream.height, fps=Fraction(fps), duration=duration)
+
+
+def output_rate(sample_fps: float, source_fps: Fraction) -> Fraction:
+    """Frame rate of the output MP4: the sample rate, or the source rate when sampling every frame."""
+    if sample_fps <= 0:
+        return source_fps
+    return min(Fraction(sample_fps).limit_denominator(1001), source_fps)
+
+
+def sample_frames(
+    container: av.container.InputContainer, sample_fps: float, max_frames: int
+) -> Iterator[SampledFrame]:
+    """Decode the first video stream and yield one frame per 1/sample_fps seconds of video time.
+
+    Sample k is the first frame at or after k / sample_fps seconds (exact fractions, so 29.97 fps
+    and variable-frame-rate videos do not drift). Only chosen frames are converted to RGB.
+    """
+    stream = container.streams.video[0]
+    interval = Fraction(1) / Fraction(sample_fps).limit_denominator(1001) if sample_fps > 0 else Fraction(0)
+    fallback_rate = Fraction(stream.average_rate or 25)
+    origin: Fraction | None = None
+    next_time = Fraction(0)
+    sampled = 0
+    for index, frame in enumerate(container.decode(stream)):
+        if frame.pts is not None and stream.time_base is not None:
+            when = frame.pts * Fraction(stream.time_base)
+        else:
+            when = index / fallback_rate
+        origin = when if origin is None else origin
+        elapsed = when - origin
+        if elapsed < next_time:
+            continue
+        yield SampledFrame(source_index=index, timestamp=float(elapsed), rgb=frame.to_ndarray(format="rgb24"))
+        sampled += 1
+        if max_frames and sampled >= max_frames:
+            return
+        if interval:  # next grid point after this frame; a long gap is not made up with repeats
+            next_time = (elapsed // interval + 1) * interval
+        else:
+            next_time = elapsed + Fraction(1, 10**9)
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM3
+# ---------------------------------------------------------------------------------------------
+
+
+def track_objects(
+    segmenter: Segmenter, frames: Iterable[SampledFrame], prompts: Sequence[str], video_size: tuple[int, int]
+) -> Iterator[tuple[SampledFrame, Detections]]:
+    """Run SAM3 over streamed frames with all prompts in one session; yield each frame's objects.
+
+    This is `propagate_in_video_iterator` fed frame by frame: the session is not handed the
+    whole video up front, so decoded frames are not all held at once. Like that iterator, outputs
+    are held back `hotstart_delay` frames so that SAM3 can drop objects that turn out to be
+    spurious before they are drawn.
+    """
+    model, processor = segmenter.model, segmenter.processor
+    session = processor.init_video_session(inference_device=segmenter.device, dtype=segmenter.dtype)
+    processor.add_text_prompt(session, list(prompts))
+    pending: deque[tuple[SampledFrame, Any]] = deque()
+    delay = max(int(model.hotstart_delay), 1)
+    height, width = video_size
+
+    def finish(sample: SampledFrame, output: Any) -> tuple[SampledFrame, Detections]:
+        result = processor.postprocess_outputs(session, output, original_sizes=[[height, width]])
+        object_ids = result["object_ids"].cpu().numpy().astype(np.int64)
+        prompt_of = {obj_id: text for text, ids in result["prompt_to_obj_ids"].items() for obj_id in ids}
+        return sample, Detections(
+            object_ids=object_ids,
+            prompts=[prompt_of[int(obj_id)] for obj_id in object_ids],
+            scores=result["scores"].float().cpu().numpy(),
+            boxes=result["boxes"].float().cpu().numpy(),
+            masks=result["masks"].cpu().numpy(),
+        )
+
+    with torch.inference_mode():
+        for frame_idx, sample in enumerate(frames):
+            pixels = processor.video_processor(videos=[sample.rgb], device=segmenter.device, return_tensors="pt")
+            session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
+            output = model(inference_session=session, frame_idx=frame_idx)
+            session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
+            pending.append((sample, output))
+            if len(pending) >= delay:
+                yield finish(*pending.popleft())
+        while pending:
+            yield finish(*pending.popleft())
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlay and records
+# ---------------------------------------------------------------------------------------------
+
+
+def object_color(object_id: int) -> tuple[int, int, int]:
+    """The RGB colour of an object ID; the same ID always gets the same colour."""
+    return tuple(int(c) for c in PALETTE[object_id % len(PALETTE)])
+
+
+def clip_box(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) XYXY float box -> integer slice bounds (x0, y0, x1_exclusive, y1_exclusive)."""
+    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x1, y1 = min(int(math.ceil(box[2])) + 1, width), min(int(math.ceil(box[3])) + 1, height)
+    return x0, y0, x1, y1
+
+
+def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
+    """Blend each mask in its object's colour and label it "ID prompt".
+
+    frame: (H, W, 3) uint8 RGB. Returns a new (H, W, 3) uint8 RGB frame.
+    Masks are painted largest first so that small objects (the ball) stay visible; each blend is
+    done inside the object's box only, which is what keeps this cheap at 20+ objects.
+    """
+    height, width = frame.shape[:2]
+    canvas = frame.copy()
+    areas = detections.masks.reshape(len(detections.masks), -1).sum(axis=1)
+    for i in np.argsort(-areas, kind="stable"):
+        x0, y0, x1, y1 = clip_box(detections.boxes[i], width, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        roi = canvas[y0:y1, x0:x1]
+        tint = np.empty_like(roi)
+        tint[:] = object_color(int(detections.object_ids[i]))
+        blended = cv2.addWeighted(roi, 1.0 - MASK_ALPHA, tint, MASK_ALPHA, 0.0)
+        np.copyto(roi, blended, where=detections.masks[i, y0:y1, x0:x1, None])
+    scale = max(height / 720.0, 0.4) * 0.6
+    thickness = max(1, round(height / 360))
+    for i in range(len(detections.object_ids)):
+        color = object_color(int(detections.object_ids[i]))
+        x0, y0, x1, y1 = clip_box(detections.boxes[i], width, height)
+        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), color, thickness)
+        label = f"{int(detections.object_ids[i])} {detections.prompts[i]}"
+        (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        top = max(y0 - text_h - baseline - 2, 0)
+        cv2.rectangle(canvas, (x0, top), (x0 + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
+        cv2.putText(canvas, label, (x0 + 1, top + text_h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    return canvas
+
+
+def update_tracks(tracks: dict[int, ObjectTrack], frame_number: int, timestamp: float, detections: Detections) -> None:
+    """Fold one frame's objects into the per-object summaries."""
+    for obj_id, prompt, score, mask in zip(detections.object_ids, detections.prompts, detections.scores, detections.masks):
+        if not mask.any():
+            continue
+        track = tracks.setdefault(
+            int(obj_id), ObjectTrack(int(obj_id), prompt, frame_number, frame_number, timestamp, timestamp)
+        )
+        track.last_frame, track.last_time = frame_number, timestamp
+        track.frames_present += 1
+        track.max_score = max(track.max_score, float(score))
+        track.score_sum += float(score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+class H264Writer:
+    """Encode RGB frames to a browser-playable MP4 (H.264 High, yuv420p, moov atom first).
+
+    Odd widths or heights lose their last column or row: yuv420p needs even sizes.
+    """
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction) -> None:
+        self.width, self.height = width - width % 2, height - height % 2
+        self.container = av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"})
+        self.stream = self.container.add_stream("libx264", rate=fps, options=dict(ENCODER_OPTIONS))
+        self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, "yuv420p"
+        self.frames_written = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        """rgb: (H, W, 3) uint8 RGB, the size given at construction."""
+        cropped = rgb[: self.height, : self.width]
+        # cv2's RGB->I420 is ~10x faster than PyAV's own conversion.
+        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(cropped, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+        frame.pts = self.frames_written
+        self.container.mux(self.stream.encode(frame))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode(None))
+        self.container.close()
+
+    def __enter__(self) -> H264Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is None:
+            self.close()
+        else:  # nothing worth flushing: the file is discarded
+            self.container.close()
+
+
+def publish(local_file: Path, destination: Path) -> None:
+    """Move a finished file into place so that readers never see it half-written.
+
+    The destination may be a FUSE-mounted bucket: copy under a hidden temporary name first, then
+    rename, which such mounts do support.
+    """
+    partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+    try:
+        shutil.move(local_file, partial)
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary name in the same folder, then rename)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def output_paths(output_dir: Path, video: Path) -> dict[str, Path]:
+    folder = output_dir / video.stem
+    return {
+        "folder": folder,
+        "video": folder / f"{video.stem}_segmented.mp4",
+        "metadata": folder / f"{video.stem}_metadata.json",
+        "error": folder / f"{video.stem}_error.json",
+    }
+
+
+def is_complete(paths: dict[str, Path]) -> bool:
+    try:
+        metadata = json.loads(paths["metadata"].read_text())
+    except (OSError, ValueError):
+        return False
+    return metadata.get("status") == "complete" and paths["video"].is_file()
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before loading the model when results could not be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{output_dir}: output folder is not writable: {one_line(error)}") from None
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# One video
+# ---------------------------------------------------------------------------------------------
+
+
+def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace) -> dict[str, Any]:
+    """Segment one video: decode -> SAM3 -> overlay -> encode, frame by frame. Returns its metadata."""
+    started = time.monotonic()
+    try:
+        container = av.open(str(video))
+    except (av.FFmpegError, OSError) as error:
+        raise VideoError(f"{video}: not a readable video: {one_line(error)}") from None
+
+    paths["folder"].mkdir(parents=True, exist_ok=True)
+    # A stale "complete" metadata must not outlive the outputs it describes.
+    paths["metadata"].unlink(missing_ok=True)
+    tracks: dict[int, ObjectTrack] = {}
+    timestamps: list[float] = []
+    frame_indices: list[int] = []
+    with container, tempfile.TemporaryDirectory(prefix="sam3-") as scratch:
+        info = read_video_info(container, video)
+        fps_out = output_rate(args.sample_fps, info.fps)
+        expected = math.ceil(info.duration * fps_out) if info.duration else None
+        if args.max_frames and expected:
+            expected = min(expected, args.max_frames)
+        local_mp4 = Path(scratch) / paths["video"].name
+        frames = sample_frames(container, args.sample_fps, args.max_frames)
+        try:
+            with H264Writer(local_mp4, info.width, info.height, fps_out) as writer, tqdm(
+                total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True
+            ) as progress:
+                for sample, detections in track_objects(segmenter, frames, args.prompts, (info.height, info.width)):
+                    writer.write(draw_overlay(sample.rgb, detections))
+                    update_tracks(tracks, len(timestamps), sample.timestamp, detections)
+                    timestamps.append(round(sample.timestamp, 6))
+                    frame_indices.append(sample.source_index)
+                    progress.update()
+        except av.FFmpegError as error:
+            raise VideoError(f"{video}: cannot decode: {one_line(error)}") from None
+        if not timestamps:
+            raise VideoError(f"{video}: no frames could be decoded")
+        publish(local_mp4, paths["video"])
+
+    seconds = time.monotonic() - started
+    objects = sorted(tracks.values(), key=lambda track: track.object_id)
+    return {
+        "status": "complete",
+        "video_name": video.name,
+        "source_path": str(video),
+        "width": info.width,
+        "height": info.height,
+        "duration_seconds": info.duration,
+        "original_fps": float(info.fps),
+        "sample_fps": args.sample_fps,
+        "output_fps": float(fps_out),
+        "max_frames": args.max_frames,
+        "frames_processed": len(timestamps),
+        "sampled_timestamps": timestamps,
+        "sampled_frame_indices": frame_indices,
+        "prompts": list(args.prompts),
+        "objects_detected": len(objects),
+        "objects_per_prompt": {prompt: sum(t.prompt == prompt for t in objects) for prompt in args.prompts},
+        "objects": [
+            {
+                "id": track.object_id,
+                "prompt": track.prompt,
+                "first_frame": track.first_frame,
+                "last_frame": track.last_frame,
+                "first_timestamp": track.first_time,
+                "last_timestamp": track.last_time,
+                "frames_present": track.frames_present,
+                "score": round(track.max_score, 4),
+                "mean_score": round(track.score_sum / track.frames_present, 4),
+            }
+            for track in objects
+        ],
+        "model": segmenter.model_name,
+        "device": str(segmenter.device),
+        "dtype": str(segmenter.dtype).removeprefix("torch."),
+        "processing_seconds": round(seconds, 3),
+        "frames_per_second": round(len(timestamps) / seconds, 3) if seconds > 0 else None,
+        "output_video": str(paths["video"]),
+        "output_codec": "h264",
+        "completed_at": now_iso(),
+    }
+
+
+def record_failure(video: Path, paths: dict[str, Path], error: BaseException, expected: bool) -> str:
+    """Write <stem>_error.json and return the one line to show."""
+    message = one_line(error) if isinstance(error, VideoError) else f"{video}: {type(error).__name__}: {one_line(error)}"
+    record = {"status": "failed", "video_name": video.name, "source_path": str(video), "error": message, "failed_at": now_iso()}
+    if not expected:  # a bug or an environment problem: keep the details for whoever debugs it
+        record["traceback"] = redact("".join(traceback.format_exception(error)))
+    with contextlib.suppress(OSError):
+        paths["folder"].mkdir(parents=True, exist_ok=True)
+        write_json(paths["error"], record)
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    videos = collect_videos(args.inputs)
+    videos = select_shard(videos, args.shard_index, args.num_shards)
+    if args.num_shards > 1:
+        log(f"shard {args.shard_index}/{args.num_shards}: {len(videos)} videos")
+    if not videos:
+        log("nothing to do: this shard has no videos")
+        return EXIT_OK
+    check_output_dir(args.output_dir)
+    todo = [video for video in videos if args.overwrite or not is_complete(output_paths(args.output_dir, video))]
+    for video in videos:
+        if video not in todo:
+            log(f"skip {video}: complete in {output_paths(args.output_dir, video)['folder']} (--overwrite to redo)")
+    failures: list[str] = []
+    for video in [video for video in todo if not video.is_file()]:  # fail these before the slow model load
+        todo.remove(video)
+        failures.append(record_failure(video, output_paths(args.output_dir, video), VideoError(f"{video}: no such file"), expected=True))
+        log(f"FAILED {failures[-1]}")
+    if not todo:
+        return EXIT_FAILED if failures else EXIT_OK
+
+    segmenter = load_segmenter(args.model, args.device)
+    check_prompts(segmenter.processor, args.prompts)
+    log(f"model {args.model} on {segmenter.device} ({str(segmenter.dtype).removeprefix('torch.')}), prompts {args.prompts}")
+
+    for number, video in enumerate(tqdm(todo, unit="video", desc="videos", dynamic_ncols=True), start=1):
+        paths = output_paths(args.output_dir, video)
+        log(f"{number}/{len(todo)} - {video}")
+        try:
+            metadata = process_video(video, paths, segmenter, args)
+        except Exception as error:  # one bad video never stops the others
+            failures.append(record_failure(video, paths, error, expected=isinstance(error, VideoError)))
+            log(f"FAILED {failures[-1]}")
+            continue
+        write_json(paths["metadata"], metadata)
+        paths["error"].unlink(missing_ok=True)
+        log(
+            f"done {video.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
+            f"{metadata['objects_per_prompt']}, {metadata['frames_per_second']} frames/s -> {paths['video']}"
+        )
+    log(f"{len(videos) - len(failures)} of {len(videos)} videos complete, {len(failures)} failed")
+    for message in failures:
+        log(f"  failed: {message}")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Let `sky jobs cancel` and preemption notices unwind through the cleanup code.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

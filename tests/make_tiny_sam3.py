@@ -1,0 +1,161 @@
+"""Build a tiny, randomly initialised SAM3 video model and processor, offline.
+
+The real `Sam3VideoModel` / `Sam3VideoProcessor` code runs unchanged; only the sizes are tiny
+and the weights random. Thresholds and three biases are set so that the random model reports
+exactly one object per text prompt on every frame, which gives the tests something to check.
+
+Usage:
+    python tests/make_tiny_sam3.py DIR [--num-prompts N]   # then: process_segmentation.py --model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    CLIPTokenizer,
+    Sam2VideoVideoProcessor,
+    Sam3ImageProcessor,
+    Sam3VideoConfig,
+    Sam3VideoModel,
+    Sam3VideoProcessor,
+)
+
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+GRID = IMAGE_SIZE // PATCH_SIZE  # 4x4 tokens
+HIDDEN = 128  # must be a multiple of 64 and > 64 (smaller sizes fail with shape errors)
+MLP = 64
+TEXT_CONTEXT = 32  # the processor pads every prompt to 32 tokens
+START_TOKEN_ID, END_TOKEN_ID = 512, 513
+
+
+def tiny_config(num_prompts: int = 2) -> Sam3VideoConfig:
+    """A SAM3 video config small enough for CPU tests; tracks `num_prompts` objects per frame."""
+    attention = {"num_attention_heads": 2, "intermediate_size": MLP}
+    backbone = {
+        "model_type": "sam3_vit_model",
+        "hidden_size": 32,
+        "intermediate_size": MLP,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "window_size": 2,
+        "global_attn_indexes": [1],
+        "pretrain_image_size": IMAGE_SIZE,
+    }
+    vision = {
+        "model_type": "sam3_vision_model",
+        "backbone_config": backbone,
+        "fpn_hidden_size": HIDDEN,
+        "backbone_feature_sizes": [[4 * GRID, 4 * GRID], [2 * GRID, 2 * GRID], [GRID, GRID]],
+    }
+    detector = {
+        "model_type": "sam3",
+        "vision_config": vision,
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": END_TOKEN_ID + 1,
+            "hidden_size": 32,
+            "intermediate_size": MLP,
+            "projection_dim": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": TEXT_CONTEXT,
+            "bos_token_id": START_TOKEN_ID,
+            "eos_token_id": END_TOKEN_ID,
+            "pad_token_id": END_TOKEN_ID,
+        },
+        "geometry_encoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "roi_size": 1, **attention},
+        "detr_encoder_config": {"hidden_size": HIDDEN, "num_layers": 1, **attention},
+        "detr_decoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "num_queries": 1, **attention},
+        "mask_decoder_config": {"hidden_size": HIDDEN, "num_upsampling_stages": 3, "num_attention_heads": 2},
+    }
+    tracker = {
+        "model_type": "sam3_tracker_video",
+        "vision_config": vision,
+        "image_size": IMAGE_SIZE,
+        "prompt_encoder_config": {"hidden_size": HIDDEN, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE},
+        "mask_decoder_config": {
+            "hidden_size": HIDDEN,
+            "mlp_dim": MLP,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": HIDDEN,
+        },
+        "num_maskmem": 3,
+        "memory_attention_hidden_size": HIDDEN,
+        "memory_attention_num_layers": 1,
+        "memory_attention_feed_forward_hidden_size": MLP,
+        "memory_attention_rope_feat_sizes": [GRID, GRID],
+        "memory_encoder_hidden_size": HIDDEN,
+        "memory_encoder_output_channels": 64,  # hard-coded kv_in_dim in the memory attention
+        "mask_downsampler_embed_dim": HIDDEN,
+        "memory_fuser_embed_dim": HIDDEN,
+        "memory_fuser_intermediate_dim": MLP,
+        "memory_fuser_num_layers": 1,
+    }
+    return Sam3VideoConfig(
+        detector_config=detector,
+        tracker_config=tracker,
+        low_res_mask_size=4 * GRID,
+        # Random weights score ~0.26: zero thresholds make every prompt yield its one query.
+        score_threshold_detection=0.0,
+        new_det_thresh=0.0,
+        det_nms_thresh=0.0,
+        max_num_objects=num_prompts,
+        hotstart_delay=0,
+    )
+
+
+def tiny_model(num_prompts: int = 2, seed: int = 0) -> Sam3VideoModel:
+    """A random tiny SAM3 video model, in eval mode, that emits one object per prompt."""
+    torch.manual_seed(seed)
+    model = Sam3VideoModel(tiny_config(num_prompts)).eval()
+    with torch.no_grad():
+        # Without these the tracker calls its objects absent and some masks come out empty.
+        model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
+        model.detector_model.mask_decoder.mask_embedder.layers[-1].bias.fill_(1.0)
+        model.detector_model.mask_decoder.instance_projection.bias.fill_(1.0)
+    return model
+
+
+def tiny_processor() -> Sam3VideoProcessor:
+    """A processor with the tiny input size and a merge-free byte-level CLIP tokenizer."""
+    symbols = ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(symbols))}
+    vocab.update({symbol + "</w>": index + len(symbols) for index, symbol in enumerate(sorted(symbols))})
+    vocab.update({"<|startoftext|>": START_TOKEN_ID, "<|endoftext|>": END_TOKEN_ID})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    return Sam3VideoProcessor(
+        image_processor=Sam3ImageProcessor(size=size, mask_size={"height": 16, "width": 16}),
+        video_processor=Sam2VideoVideoProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tokenizer,
+    )
+
+
+def save_tiny_sam3(directory: Path, num_prompts: int = 2) -> Path:
+    """Save model + processor so that `from_pretrained(directory)` loads them offline."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_model(num_prompts).save_pretrained(directory)
+    tiny_processor().save_pretrained(directory)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="where to save the model directory")
+    parser.add_argument("--num-prompts", type=int, default=2, help="objects tracked per frame (default 2)")
+    args = parser.parse_args(argv)
+    print(save_tiny_sam3(args.directory, args.num_prompts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

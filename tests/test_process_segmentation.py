@@ -1,0 +1,363 @@
+"""process_segmentation.py end to end with a tiny random SAM3, plus its stages on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import process_segmentation as ps
+from conftest import REPO, pitch_frame, write_test_video
+
+PROMPTS = ["soccer player", "ball"]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """main() in this process (the model import is paid once); returns (exit code, stderr)."""
+    try:
+        code = ps.main([str(arg) for arg in args])
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def segment(inputs: list[Path], output_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+    return [*map(str, inputs), "--output-dir", str(output_dir), "--model", str(model_dir), "--device", "cpu", *extra]
+
+
+def decode(path: Path) -> tuple[av.video.stream.VideoStream, list[np.ndarray]]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return stream, frames
+
+
+def problem_lines(stderr: str) -> list[str]:
+    """The lines that report a failure; progress bars and progress logs left out."""
+    return [line for line in stderr.splitlines() if line.startswith(("FAILED", "error:"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling by presentation time
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fps", "sample_fps", "seconds"),
+    [("30000/1001", 1.0, 6.0), (25, 2.0, 3.0), ("30000/1001", 3.0, 2.0)],
+    ids=["29.97fps-at-1", "25fps-at-2", "29.97fps-at-3"],
+)
+def test_sample_frames_one_sample_per_interval_without_drift(tmp_path, fps, sample_fps, seconds):
+    video = write_test_video(tmp_path / "clip.mp4", seconds=seconds, fps=fps)
+    with av.open(str(video)) as container:
+        samples = list(ps.sample_frames(container, sample_fps, max_frames=0))
+    frame_time = 1 / float(Fraction(fps))
+    assert len(samples) == round(seconds * sample_fps)
+    for k, sample in enumerate(samples):
+        assert k / sample_fps <= sample.timestamp < k / sample_fps + frame_time
+        assert sample.rgb.shape == (96, 160, 3) and sample.rgb.dtype == np.uint8
+
+
+def test_sample_frames_variable_frame_rate_follows_video_time(tmp_path):
+    gaps = np.random.default_rng(7).choice([0.02, 0.033, 0.06, 0.1, 0.25], size=120)
+    times = np.concatenate([[0.0], np.cumsum(gaps)])
+    video = write_test_video(tmp_path / "vfr.mp4", frame_times=times)
+    with av.open(str(video)) as container:
+        samples = list(ps.sample_frames(container, 1.0, max_frames=0))
+    assert len(samples) == int(times[-1]) + 1
+    for k, sample in enumerate(samples):
+        first_at_or_after = times[np.searchsorted(times, k - 1e-6)]
+        assert sample.timestamp == pytest.approx(first_at_or_after, abs=1e-3)
+
+
+def test_sample_frames_above_source_rate_yields_every_frame(tmp_path):
+    video = write_test_video(tmp_path / "clip.mp4", seconds=1.0, fps=25)
+    with av.open(str(video)) as container:
+        samples = list(ps.sample_frames(container, 100.0, max_frames=0))
+    assert [sample.source_index for sample in samples] == list(range(25))
+    assert ps.output_rate(100.0, Fraction(25)) == 25
+    assert ps.output_rate(0, Fraction(30000, 1001)) == Fraction(30000, 1001)
+
+
+def test_sample_frames_max_frames_stops_early(tmp_path):
+    video = write_test_video(tmp_path / "clip.mp4", seconds=4.0, fps=25)
+    with av.open(str(video)) as container:
+        assert len(list(ps.sample_frames(container, 0, max_frames=7))) == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlay
+# ---------------------------------------------------------------------------------------------
+
+
+def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
+    frame = pitch_frame(0, 320, 180)
+    masks = np.zeros((2, 180, 320), dtype=bool)
+    masks[0, 100:160, 20:200] = True  # large object
+    masks[1, 120:130, 60:70] = True  # small object on top of it
+    detections = ps.Detections(
+        object_ids=np.array([3, 7]),
+        prompts=PROMPTS,
+        scores=np.array([0.9, 0.8], dtype=np.float32),
+        boxes=np.array([[20, 100, 199, 159], [60, 120, 69, 129]], dtype=np.float32),
+        masks=masks,
+    )
+    out = ps.draw_overlay(frame, detections)
+
+    assert out.shape == frame.shape and out.dtype == np.uint8
+    changed = np.any(out != frame, axis=2)
+    assert changed[masks[0] | masks[1]].mean() > 0.95
+    outside_boxes = np.ones((180, 320), dtype=bool)
+    outside_boxes[80:162, 18:202] = False  # boxes, their outlines and the label above them
+    assert not changed[outside_boxes].any()
+    # the small object is painted last, over the large one, so its own colour stays visible
+    under_large = 0.5 * frame[125, 65] + 0.5 * np.array(ps.object_color(3))
+    expected = 0.5 * under_large + 0.5 * np.array(ps.object_color(7))
+    assert np.abs(out[125, 65].astype(float) - expected).max() <= 2
+    assert ps.object_color(3) != ps.object_color(7) and ps.object_color(3) == ps.object_color(3 + len(ps.PALETTE))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end with the tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_720p(tmp_path_factory) -> Path:
+    return write_test_video(tmp_path_factory.mktemp("videos") / "match_720p.mp4", seconds=3.0, fps=25, size=(1280, 720))
+
+
+def test_end_to_end_720p_writes_playable_h264_and_metadata(tmp_path, tiny_model_dir, clip_720p, capsys):
+    code, stderr = run_cli(segment([clip_720p], tmp_path, tiny_model_dir, "--sample-fps", "2"), capsys)
+    assert code == 0, stderr
+
+    mp4 = tmp_path / "match_720p" / "match_720p_segmented.mp4"
+    stream, frames = decode(mp4)
+    assert len(frames) == 6
+    assert stream.average_rate == 2
+    assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
+    assert (stream.width, stream.height) == (1280, 720)
+    data = mp4.read_bytes()
+    assert 0 <= data.find(b"moov") < data.find(b"mdat"), "moov atom must come first (faststart)"
+    # The tiny model's masks cover most of the frame: the overlay must show them.
+    with av.open(str(clip_720p)) as container:
+        sources = [s.rgb for s in ps.sample_frames(container, 2.0, 0)]
+    for source, drawn in zip(sources, frames):
+        assert np.abs(source.astype(int) - drawn.astype(int)).mean() > 10
+
+    metadata = json.loads((tmp_path / "match_720p" / "match_720p_metadata.json").read_text())
+    assert metadata["status"] == "complete"
+    assert metadata["video_name"] == "match_720p.mp4" and metadata["source_path"] == str(clip_720p)
+    assert metadata["frames_processed"] == 6
+    assert metadata["original_fps"] == 25 and metadata["output_fps"] == 2
+    assert metadata["sampled_timestamps"] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5], abs=0.04)
+    assert metadata["sampled_frame_indices"] == [0, 13, 25, 38, 50, 63]
+    assert metadata["prompts"] == PROMPTS
+    assert metadata["objects_detected"] == 2
+    assert metadata["objects_per_prompt"] == {"soccer player": 1, "ball": 1}
+    for obj in metadata["objects"]:
+        assert obj["first_frame"] == 0 and obj["last_frame"] == 5 and obj["frames_present"] == 6
+        assert obj["prompt"] in PROMPTS and 0 < obj["score"] <= 1
+    assert {obj["prompt"] for obj in metadata["objects"]} == set(PROMPTS)
+    assert metadata["model"] == str(tiny_model_dir)
+    assert (metadata["device"], metadata["dtype"]) == ("cpu", "float32")
+    assert metadata["frames_per_second"] > 0 and metadata["processing_seconds"] > 0
+    assert metadata["output_video"] == str(mp4)
+    assert not (tmp_path / "match_720p" / "match_720p_error.json").exists()
+    assert "done match_720p.mp4: 6 frames, 2 objects" in stderr
+
+
+def test_odd_sized_video_is_cropped_to_even_and_every_frame_kept(tmp_path, tiny_model_dir, capsys):
+    # H.264 in yuv420p cannot have odd sizes; lossless FFV1 in Matroska can.
+    video = write_test_video(tmp_path / "odd.mkv", seconds=1.0, fps=10, size=(161, 97), codec="ffv1", pix_fmt="yuv444p")
+    code, stderr = run_cli(segment([video], tmp_path / "out", tiny_model_dir, "--sample-fps", "0"), capsys)
+    assert code == 0, stderr
+    stream, frames = decode(tmp_path / "out" / "odd" / "odd_segmented.mp4")
+    assert (stream.width, stream.height) == (160, 96) and len(frames) == 10 and stream.average_rate == 10
+
+
+def test_folder_and_files_share_one_model_load_and_rerun_skips(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    videos = tmp_path / "videos"
+    (videos / "half2").mkdir(parents=True)
+    for name in ["b.mp4", "half2/a.mov"]:
+        write_test_video(videos / name, seconds=2.0)
+    extra = write_test_video(tmp_path / "c.mp4", seconds=1.0)
+    (videos / "notes.txt").write_text("not a video, not picked up")
+    loads = []
+    real_load = ps.load_segmenter
+    monkeypatch.setattr(ps, "load_segmenter", lambda *a: loads.append(a) or real_load(*a))
+    out = tmp_path / "out"
+
+    code, stderr = run_cli(segment([videos, extra], out, tiny_model_dir), capsys)
+    assert code == 0, stderr
+    assert len(loads) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+    assert stderr.index("1/3 - " + str(videos / "b.mp4")) < stderr.index("2/3 - " + str(videos / "half2" / "a.mov"))
+    outputs = sorted(out.glob("*/*_segmented.mp4")) + sorted(out.glob("*/*_metadata.json"))
+    stamps = {path: path.stat().st_mtime_ns for path in outputs}
+
+    code, stderr = run_cli(segment([videos, extra], out, tiny_model_dir), capsys)
+    assert code == 0 and len(loads) == 1, "a complete rerun must not even load the model"
+    assert stderr.count("skip ") == 3
+    assert {path: path.stat().st_mtime_ns for path in outputs} == stamps
+
+    code, stderr = run_cli(segment([extra], out, tiny_model_dir, "--overwrite"), capsys)
+    assert code == 0 and len(loads) == 2
+    assert (out / "c" / "c_segmented.mp4").stat().st_mtime_ns != stamps[out / "c" / "c_segmented.mp4"]
+    assert (out / "b" / "b_segmented.mp4").stat().st_mtime_ns == stamps[out / "b" / "b_segmented.mp4"]
+
+
+def write_not_a_video(path: Path) -> Path:
+    path.write_text("this is a text file with a video name\n")
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def write_no_frames(path: Path) -> Path:
+    """A faststart MP4 cut right after its header: a video stream, but no frame to decode."""
+    write_test_video(path.with_suffix(".full.mp4"), seconds=1.0)
+    with av.open(str(path.with_suffix(".full.mp4"))) as source, av.open(str(path), "w", options={"movflags": "+faststart"}) as target:
+        out_stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out_stream
+                target.mux(packet)
+    path.with_suffix(".full.mp4").unlink()
+    data = path.read_bytes()
+    path.write_bytes(data[: data.find(b"mdat") + 4])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "problem"),
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (lambda d: write_not_a_video(d / "notes.mp4"), "not a readable video"),
+        (lambda d: write_audio_only(d / "commentary.mp4"), "no video stream"),
+        (lambda d: write_no_frames(d / "empty.mp4"), "no frames could be decoded"),
+    ],
+    ids=["missing", "not-a-video", "audio-only", "no-frames"],
+)
+def test_bad_video_fails_alone_with_one_line_and_error_record(tmp_path, tiny_model_dir, capsys, make_bad, problem):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = write_test_video(inputs / "good.mp4", seconds=1.0)
+    bad = make_bad(inputs)
+    code, stderr = run_cli(segment([bad, good], tmp_path / "out", tiny_model_dir), capsys)
+
+    assert code == 1
+    assert "Traceback" not in stderr
+    failures = problem_lines(stderr)
+    assert failures == [f"FAILED {bad}: {problem}"] or (
+        len(failures) == 1 and failures[0].startswith(f"FAILED {bad}: {problem}")
+    )
+    assert json.loads((tmp_path / "out" / "good" / "good_metadata.json").read_text())["status"] == "complete"
+    record = json.loads((tmp_path / "out" / bad.stem / f"{bad.stem}_error.json").read_text())
+    assert record["status"] == "failed" and record["source_path"] == str(bad) and problem in record["error"]
+    assert "traceback" not in record
+    assert not (tmp_path / "out" / bad.stem / f"{bad.stem}_metadata.json").exists()
+
+
+def test_error_record_is_cleared_when_the_video_later_succeeds(tmp_path, tiny_model_dir, capsys):
+    video = tmp_path / "later.mp4"
+    code, _ = run_cli(segment([video], tmp_path / "out", tiny_model_dir), capsys)
+    assert code == 1 and (tmp_path / "out" / "later" / "later_error.json").exists()
+    write_test_video(video, seconds=1.0)
+    code, _ = run_cli(segment([video], tmp_path / "out", tiny_model_dir), capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "later").iterdir()) == ["later_metadata.json", "later_segmented.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompts", "a player wearing a bright red shirt and white socks"], "tokens; SAM3's text encoder takes at most 32"),
+        (["--output-dir", "{file}/results"], "output folder is not writable"),
+        (["--sample-fps", "fast"], "invalid float value: 'fast'"),
+        (["--max-frames", "-1"], "--max-frames must be 0 or more"),
+        (["--shard-index", "2", "--num-shards", "2"], "--shard-index must be in [0, --num-shards)"),
+        (["--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--prompts", "ball", "ball"], "--prompts has duplicates"),
+        (["--model", "{dir}/no-such-model"], "no-such-model: no such directory"),
+    ],
+    ids=["prompt-too-long", "unwritable-output", "sample-fps-text", "negative-max-frames", "shard-out-of-range",
+         "unknown-device", "duplicate-prompts", "missing-model-dir"],
+)
+def test_usage_error_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, extra, message):
+    video = write_test_video(tmp_path / "clip.mp4", seconds=1.0)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    extra = [arg.format(file=blocker, dir=tmp_path) for arg in extra]
+    args = [str(video), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--device", "cpu", *extra]
+    code, stderr = run_cli(args, capsys)
+
+    assert code == 2
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert not list((tmp_path / "out").glob("*/*_metadata.json")) if (tmp_path / "out").is_dir() else True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
+def test_device_cuda_without_gpu_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
+    video = write_test_video(tmp_path / "clip.mp4", seconds=1.0)
+    code, stderr = run_cli([video, "--output-dir", tmp_path, "--model", tiny_model_dir, "--device", "cuda"], capsys)
+    assert code == 2 and "error: --device cuda: no CUDA GPU is visible to PyTorch" in stderr
+
+
+def test_hf_token_is_never_printed_or_written(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    secret = "hf_TESTSECRET0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    good = write_test_video(tmp_path / "good.mp4", seconds=1.0)
+    bad = write_not_a_video(tmp_path / "bad.mp4")
+    code, stderr = run_cli(segment([good, bad], tmp_path / "out", tiny_model_dir), capsys)
+    assert code == 1
+    assert secret not in stderr
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_interrupted_run_leaves_no_file_that_looks_complete(tmp_path, tiny_model_dir, capsys):
+    video = write_test_video(tmp_path / "long.mp4", seconds=12.0, fps=25, size=(320, 192))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "process_segmentation.py"), *segment([video], out, tiny_model_dir, "--sample-fps", "0")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        # Each progress update wakes this loop, until the encoder has written part of the video.
+        while os.read(process.stderr.fileno(), 65536):
+            if any(p.stat().st_size > 0 for p in scratch.glob("sam3-*/*.mp4")):
+                break
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+        process.stderr.close()
+
+    names = [p.name for p in out.rglob("*") if p.is_file()]
+    assert not [name for name in names if name.endswith(("_segmented.mp4", "_metadata.json"))], names
+    code, stderr = run_cli(segment([video], out, tiny_model_dir, "--max-frames", "5"), capsys)
+    assert code == 0 and "skip" not in stderr, "an interrupted video must be redone, not skipped"
