@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -48,6 +49,10 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", "
 MAX_PROMPT_TOKENS = 32  # SAM3's text encoder pads every prompt to exactly this many tokens
 ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
 MASK_ALPHA = 0.5
+# Frames per SAM3 session. Memory grows ~linearly within a session (frames + per-object memory);
+# 100 sampled frames with ~25 objects stays well inside an L40S's 48 GB (see README).
+DEFAULT_CHUNK_FRAMES = 100
+MATCH_IOU = 0.3  # least mask IoU, on the frame two windows share, to keep an object's ID
 # tab20-like, reordered so that consecutive IDs get contrasting colours. RGB.
 PALETTE = np.array(
     [
@@ -80,13 +85,24 @@ class SampledFrame:
 
 @dataclasses.dataclass(frozen=True)
 class Detections:
-    """SAM3's objects on one frame, on the CPU."""
+    """SAM3's objects on one frame, on the CPU, each mask cropped to its box."""
 
     object_ids: np.ndarray  # (N,) int64, stable across the frames of one video
     prompts: list[str]  # N prompt texts
     scores: np.ndarray  # (N,) float32 detection scores
-    boxes: np.ndarray  # (N, 4) float32 XYXY pixels
-    masks: np.ndarray  # (N, H, W) bool
+    boxes: np.ndarray  # (N, 4) int64 XYXY pixels, inclusive: the tight box of each mask
+    masks: list[np.ndarray]  # N arrays (y1 - y0 + 1, x1 - x0 + 1) bool: the mask inside its box
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros(0, np.int64), [], np.zeros(0, np.float32), np.zeros((0, 4), np.int64), [])
+
+    def full_mask(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        """Object `index`'s mask as a (H, W) bool array of the frame's `size`."""
+        mask = np.zeros(size, dtype=bool)
+        x0, y0, x1, y1 = self.boxes[index]
+        mask[y0 : y1 + 1, x0 : x1 + 1] = self.masks[index]
+        return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="text prompts, one object class each")
     parser.add_argument("--sample-fps", type=float, default=DEFAULT_SAMPLE_FPS, help="frames per second of video to process; 0 = every frame")
     parser.add_argument("--max-frames", type=int, default=0, help="stop each video after this many sampled frames; 0 = no limit")
+    parser.add_argument("--chunk-frames", type=int, default=DEFAULT_CHUNK_FRAMES, help="sampled frames per SAM3 session; bounds memory on long videos")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model ID or local directory")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available")
     parser.add_argument("--overwrite", action="store_true", help="redo videos whose results are already complete")
@@ -174,6 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_frames < 0:
         parser.error(f"--max-frames must be 0 or more, got {args.max_frames}")
+    if args.chunk_frames < 2:
+        parser.error(f"--chunk-frames must be 2 or more (windows share one frame), got {args.chunk_frames}")
     if not math.isfinite(args.sample_fps):
         parser.error(f"--sample-fps must be a number, got {args.sample_fps}")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
@@ -350,35 +369,112 @@ def sample_frames(
 # ---------------------------------------------------------------------------------------------
 
 
-def track_objects(
-    segmenter: Segmenter, frames: Iterable[SampledFrame], prompts: Sequence[str], video_size: tuple[int, int]
+def output_span(low: int, high: int, in_size: int, out_size: int) -> tuple[int, int]:
+    """The output pixels of a bilinear upsample that can depend on source pixels [low, high).
+
+    The outermost source pixels also feed the clamped outputs out to the image border.
+    """
+    scale = out_size / in_size
+    start = 0 if low == 0 else max(math.floor((low + 0.5) * scale - 0.5), 0)
+    stop = out_size if high == in_size else min(math.ceil((high - 0.5) * scale + 0.5), out_size)
+    return start, stop
+
+
+def upsample_region(logits: np.ndarray, size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsample of (h, w) float32 logits to `size` (H, W), computed only for output
+    rows [rows) and columns [cols): the same values as that region of torch's
+    `interpolate(mode="bilinear", align_corners=False)` over the whole frame (to ~1e-4)."""
+    (height, width), (h, w) = size, logits.shape
+    scale_y, scale_x = h / height, w / width
+    # output pixel (x, y) of the region samples source ((x + x0 + 0.5) * scale - 0.5, ...), clamped
+    to_source = np.array(
+        [[scale_x, 0.0, (cols[0] + 0.5) * scale_x - 0.5], [0.0, scale_y, (rows[0] + 0.5) * scale_y - 0.5]]
+    )
+    return cv2.warpAffine(
+        logits, to_source, (cols[1] - cols[0], rows[1] - rows[0]),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def masks_from_logits(
+    logits: np.ndarray, priorities: Sequence[float], groups: Sequence[int], size: tuple[int, int]
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Full-resolution masks from SAM3's low-resolution mask logits, each cropped to its box.
+
+    logits: (N, h, w) float32. Returns per object (box (4,) int64 XYXY inclusive, (bh, bw) bool
+    crop), or None when its mask is empty.
+    Same masks as `Sam3VideoProcessor.postprocess_outputs` (upsample, threshold at 0, then within
+    a prompt group each pixel goes to the object with the highest priority, ties to the earlier
+    object), but every step runs only inside each object's box: that processor upsamples and
+    compares every object over the whole frame, which dominated the time per frame on CPU.
+    """
+    height, width = size
+    count, h, w = logits.shape
+    crops: list[tuple[int, int, np.ndarray] | None] = [None] * count
+    for i in range(count):
+        positive = logits[i] > 0
+        rows, cols = np.flatnonzero(positive.any(axis=1)), np.flatnonzero(positive.any(axis=0))
+        if rows.size == 0:
+            continue
+        # A margin of one source pixel covers the outputs that interpolate towards the mask.
+        y0, y1 = output_span(max(rows[0] - 1, 0), min(rows[-1] + 2, h), h, height)
+        x0, x1 = output_span(max(cols[0] - 1, 0), min(cols[-1] + 2, w), w, width)
+        crops[i] = (y0, x0, upsample_region(logits[i], size, (y0, y1), (x0, x1)) > 0)
+
+    claimed: dict[int, np.ndarray] = {}  # per prompt group: (H, W) bool, pixels already taken
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * count
+    for i in sorted(range(count), key=lambda k: (-priorities[k], k)):
+        if crops[i] is None:
+            continue
+        y0, x0, crop = crops[i]
+        taken = claimed.setdefault(groups[i], np.zeros(size, dtype=bool))[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
+        np.greater(crop, taken, out=crop)  # crop and not taken
+        taken |= crop
+        left, top, box_w, box_h = cv2.boundingRect(crop.view(np.uint8))
+        if box_w:
+            box = np.array([x0 + left, y0 + top, x0 + left + box_w - 1, y0 + top + box_h - 1], dtype=np.int64)
+            results[i] = (box, crop[top : top + box_h, left : left + box_w])
+    return results
+
+
+def detections_from_output(output: Any, session: Any, size: tuple[int, int]) -> Detections:
+    """One frame of `Sam3VideoModel` output -> the objects to draw, hidden objects left out."""
+    hidden = set(output.suppressed_obj_ids or ()) | set(session.hotstart_removed_obj_ids)
+    object_ids = [obj_id for obj_id in sorted(output.obj_id_to_mask) if obj_id not in hidden]
+    if not object_ids:
+        return Detections.empty()
+    logits = torch.cat([output.obj_id_to_mask[obj_id] for obj_id in object_ids]).float().cpu().numpy()
+    masks = masks_from_logits(
+        logits,
+        priorities=[output.obj_id_to_tracker_score.get(obj_id, 0.0) for obj_id in object_ids],
+        groups=[session.obj_id_to_prompt_id[obj_id] for obj_id in object_ids],
+        size=size,
+    )
+    kept = [(obj_id, mask) for obj_id, mask in zip(object_ids, masks) if mask is not None]
+    return Detections(
+        object_ids=np.array([obj_id for obj_id, _ in kept], dtype=np.int64),
+        prompts=[session.prompts[session.obj_id_to_prompt_id[obj_id]] for obj_id, _ in kept],
+        scores=np.array([float(output.obj_id_to_score[obj_id]) for obj_id, _ in kept], dtype=np.float32),
+        boxes=np.array([box for _, (box, _) in kept], dtype=np.int64).reshape(-1, 4),
+        masks=[crop for _, (_, crop) in kept],
+    )
+
+
+def track_window(
+    segmenter: Segmenter, frames: Iterable[SampledFrame], prompts: Sequence[str], size: tuple[int, int]
 ) -> Iterator[tuple[SampledFrame, Detections]]:
-    """Run SAM3 over streamed frames with all prompts in one session; yield each frame's objects.
+    """Run SAM3 over streamed frames in one fresh session, all prompts at once; yield each
+    frame's objects with this session's IDs.
 
     This is `propagate_in_video_iterator` fed frame by frame: the session is not handed the
-    whole video up front, so decoded frames are not all held at once. Like that iterator, outputs
-    are held back `hotstart_delay` frames so that SAM3 can drop objects that turn out to be
-    spurious before they are drawn.
+    frames up front, so they are not all decoded at once. Like that iterator, outputs are held
+    back `hotstart_delay` frames so that SAM3 can drop spurious objects before they are drawn.
     """
     model, processor = segmenter.model, segmenter.processor
     session = processor.init_video_session(inference_device=segmenter.device, dtype=segmenter.dtype)
     processor.add_text_prompt(session, list(prompts))
     pending: deque[tuple[SampledFrame, Any]] = deque()
     delay = max(int(model.hotstart_delay), 1)
-    height, width = video_size
-
-    def finish(sample: SampledFrame, output: Any) -> tuple[SampledFrame, Detections]:
-        result = processor.postprocess_outputs(session, output, original_sizes=[[height, width]])
-        object_ids = result["object_ids"].cpu().numpy().astype(np.int64)
-        prompt_of = {obj_id: text for text, ids in result["prompt_to_obj_ids"].items() for obj_id in ids}
-        return sample, Detections(
-            object_ids=object_ids,
-            prompts=[prompt_of[int(obj_id)] for obj_id in object_ids],
-            scores=result["scores"].float().cpu().numpy(),
-            boxes=result["boxes"].float().cpu().numpy(),
-            masks=result["masks"].cpu().numpy(),
-        )
-
     with torch.inference_mode():
         for frame_idx, sample in enumerate(frames):
             pixels = processor.video_processor(videos=[sample.rgb], device=segmenter.device, return_tensors="pt")
@@ -387,9 +483,87 @@ def track_objects(
             session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
             pending.append((sample, output))
             if len(pending) >= delay:
-                yield finish(*pending.popleft())
+                sample, output = pending.popleft()
+                yield sample, detections_from_output(output, session, size)
         while pending:
-            yield finish(*pending.popleft())
+            sample, output = pending.popleft()
+            yield sample, detections_from_output(output, session, size)
+
+
+def mask_iou(box_a: np.ndarray, mask_a: np.ndarray, box_b: np.ndarray, mask_b: np.ndarray) -> float:
+    """IoU of two box-cropped masks (boxes XYXY inclusive)."""
+    x0, y0 = max(box_a[0], box_b[0]), max(box_a[1], box_b[1])
+    x1, y1 = min(box_a[2], box_b[2]), min(box_a[3], box_b[3])
+    if x1 < x0 or y1 < y0:
+        return 0.0
+    a = mask_a[y0 - box_a[1] : y1 - box_a[1] + 1, x0 - box_a[0] : x1 - box_a[0] + 1]
+    b = mask_b[y0 - box_b[1] : y1 - box_b[1] + 1, x0 - box_b[0] : x1 - box_b[0] + 1]
+    intersection = int(np.count_nonzero(a & b))
+    union = int(np.count_nonzero(mask_a)) + int(np.count_nonzero(mask_b)) - intersection
+    return intersection / union if union else 0.0
+
+
+def match_objects(previous: Detections, current: Detections) -> dict[int, int]:
+    """Pair objects seen on the same frame by two sessions: {current ID: previous ID}.
+
+    Greedy on mask IoU (best pairs first), same prompt only, IoU at least MATCH_IOU.
+    """
+    pairs = [
+        (mask_iou(previous.boxes[i], previous.masks[i], current.boxes[j], current.masks[j]), i, j)
+        for i in range(len(previous.object_ids))
+        for j in range(len(current.object_ids))
+        if previous.prompts[i] == current.prompts[j]
+    ]
+    matches: dict[int, int] = {}
+    used: set[int] = set()
+    for iou, i, j in sorted(pairs, key=lambda pair: -pair[0]):
+        if iou < MATCH_IOU or i in used or int(current.object_ids[j]) in matches:
+            continue
+        used.add(i)
+        matches[int(current.object_ids[j])] = int(previous.object_ids[i])
+    return matches
+
+
+def track_objects(
+    segmenter: Segmenter,
+    frames: Iterable[SampledFrame],
+    prompts: Sequence[str],
+    size: tuple[int, int],
+    chunk_frames: int,
+    windows: list[int] | None = None,
+) -> Iterator[tuple[SampledFrame, Detections]]:
+    """Track through a video of any length in windows of at most `chunk_frames` frames.
+
+    SAM3's session keeps every frame and per-object memory for every frame, so memory would grow
+    with the video. Each window is a fresh session; consecutive windows share one frame, on which
+    objects are matched by mask, so an object keeps its ID (and colour) across windows. That
+    shared frame is yielded once. `windows`, when given, receives each window's frame count.
+    """
+    frames = iter(frames)
+    upcoming = next(frames, None)
+    carried: tuple[SampledFrame, Detections] | None = None
+    to_global: dict[int, int] = {}
+    next_id = 0
+    while upcoming is not None:
+        lead = [carried[0]] if carried else []
+        window = itertools.islice(itertools.chain(lead, [upcoming], frames), chunk_frames)
+        overlap_pending = bool(lead)
+        count = 0
+        for sample, local in track_window(segmenter, window, prompts, size):
+            count += 1
+            if overlap_pending:  # the frame the previous window already yielded: only match on it
+                overlap_pending = False
+                to_global = match_objects(carried[1], local)
+                continue
+            for obj_id in map(int, local.object_ids):
+                if obj_id not in to_global:
+                    to_global[obj_id], next_id = next_id, next_id + 1
+            global_ids = np.array([to_global[int(obj_id)] for obj_id in local.object_ids], dtype=np.int64)
+            carried = (sample, dataclasses.replace(local, object_ids=global_ids))
+            yield carried
+        if windows is not None:
+            windows.append(count)
+        upcoming = next(frames, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,13 +576,6 @@ def object_color(object_id: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in PALETTE[object_id % len(PALETTE)])
 
 
-def clip_box(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) XYXY float box -> integer slice bounds (x0, y0, x1_exclusive, y1_exclusive)."""
-    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
-    x1, y1 = min(int(math.ceil(box[2])) + 1, width), min(int(math.ceil(box[3])) + 1, height)
-    return x0, y0, x1, y1
-
-
 def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
     """Blend each mask in its object's colour and label it "ID prompt".
 
@@ -416,25 +583,23 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
     Masks are painted largest first so that small objects (the ball) stay visible; each blend is
     done inside the object's box only, which is what keeps this cheap at 20+ objects.
     """
-    height, width = frame.shape[:2]
+    height = frame.shape[0]
     canvas = frame.copy()
-    areas = detections.masks.reshape(len(detections.masks), -1).sum(axis=1)
+    areas = np.array([np.count_nonzero(mask) for mask in detections.masks])
     for i in np.argsort(-areas, kind="stable"):
-        x0, y0, x1, y1 = clip_box(detections.boxes[i], width, height)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        roi = canvas[y0:y1, x0:x1]
+        x0, y0, x1, y1 = detections.boxes[i]
+        roi = canvas[y0 : y1 + 1, x0 : x1 + 1]
         tint = np.empty_like(roi)
         tint[:] = object_color(int(detections.object_ids[i]))
         blended = cv2.addWeighted(roi, 1.0 - MASK_ALPHA, tint, MASK_ALPHA, 0.0)
-        np.copyto(roi, blended, where=detections.masks[i, y0:y1, x0:x1, None])
+        cv2.copyTo(blended, detections.masks[i].view(np.uint8), roi)
     scale = max(height / 720.0, 0.4) * 0.6
     thickness = max(1, round(height / 360))
-    for i in range(len(detections.object_ids)):
-        color = object_color(int(detections.object_ids[i]))
-        x0, y0, x1, y1 = clip_box(detections.boxes[i], width, height)
-        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), color, thickness)
-        label = f"{int(detections.object_ids[i])} {detections.prompts[i]}"
+    for i, obj_id in enumerate(map(int, detections.object_ids)):
+        color = object_color(obj_id)
+        x0, y0, x1, y1 = map(int, detections.boxes[i])
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
+        label = f"{obj_id} {detections.prompts[i]}"
         (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = max(y0 - text_h - baseline - 2, 0)
         cv2.rectangle(canvas, (x0, top), (x0 + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
@@ -444,9 +609,7 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
 
 def update_tracks(tracks: dict[int, ObjectTrack], frame_number: int, timestamp: float, detections: Detections) -> None:
     """Fold one frame's objects into the per-object summaries."""
-    for obj_id, prompt, score, mask in zip(detections.object_ids, detections.prompts, detections.scores, detections.masks):
-        if not mask.any():
-            continue
+    for obj_id, prompt, score in zip(detections.object_ids, detections.prompts, detections.scores):
         track = tracks.setdefault(
             int(obj_id), ObjectTrack(int(obj_id), prompt, frame_number, frame_number, timestamp, timestamp)
         )
@@ -570,6 +733,7 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
     # A stale "complete" metadata must not outlive the outputs it describes.
     paths["metadata"].unlink(missing_ok=True)
     tracks: dict[int, ObjectTrack] = {}
+    windows: list[int] = []
     timestamps: list[float] = []
     frame_indices: list[int] = []
     with container, tempfile.TemporaryDirectory(prefix="sam3-") as scratch:
@@ -584,7 +748,8 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
             with H264Writer(local_mp4, info.width, info.height, fps_out) as writer, tqdm(
                 total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True
             ) as progress:
-                for sample, detections in track_objects(segmenter, frames, args.prompts, (info.height, info.width)):
+                tracked = track_objects(segmenter, frames, args.prompts, (info.height, info.width), args.chunk_frames, windows)
+                for sample, detections in tracked:
                     writer.write(draw_overlay(sample.rgb, detections))
                     update_tracks(tracks, len(timestamps), sample.timestamp, detections)
                     timestamps.append(round(sample.timestamp, 6))
@@ -609,6 +774,7 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
         "sample_fps": args.sample_fps,
         "output_fps": float(fps_out),
         "max_frames": args.max_frames,
+        "chunking": {"chunk_frames": args.chunk_frames, "windows": len(windows), "frames_per_window": windows},
         "frames_processed": len(timestamps),
         "sampled_timestamps": timestamps,
         "sampled_frame_indices": frame_indices,

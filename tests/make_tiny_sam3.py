@@ -2,10 +2,12 @@
 
 The real `Sam3VideoModel` / `Sam3VideoProcessor` code runs unchanged; only the sizes are tiny
 and the weights random. Thresholds and three biases are set so that the random model reports
-exactly one object per text prompt on every frame, which gives the tests something to check.
+the same objects (one per prompt by default) on every frame, which gives the tests something
+to check.
 
 Usage:
-    python tests/make_tiny_sam3.py DIR [--num-prompts N]   # then: process_segmentation.py --model DIR
+    python tests/make_tiny_sam3.py DIR [--num-prompts 2] [--objects-per-prompt 1]
+    python process_segmentation.py video.mp4 --model DIR
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ TEXT_CONTEXT = 32  # the processor pads every prompt to 32 tokens
 START_TOKEN_ID, END_TOKEN_ID = 512, 513
 
 
-def tiny_config(num_prompts: int = 2) -> Sam3VideoConfig:
-    """A SAM3 video config small enough for CPU tests; tracks `num_prompts` objects per frame."""
+def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1) -> Sam3VideoConfig:
+    """A SAM3 video config small enough for CPU tests; each prompt yields `objects_per_prompt`
+    objects per frame (one detection query each)."""
     attention = {"num_attention_heads": 2, "intermediate_size": MLP}
     backbone = {
         "model_type": "sam3_vit_model",
@@ -73,7 +76,7 @@ def tiny_config(num_prompts: int = 2) -> Sam3VideoConfig:
         },
         "geometry_encoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "roi_size": 1, **attention},
         "detr_encoder_config": {"hidden_size": HIDDEN, "num_layers": 1, **attention},
-        "detr_decoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "num_queries": 1, **attention},
+        "detr_decoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "num_queries": objects_per_prompt, **attention},
         "mask_decoder_config": {"hidden_size": HIDDEN, "num_upsampling_stages": 3, "num_attention_heads": 2},
     }
     tracker = {
@@ -108,15 +111,15 @@ def tiny_config(num_prompts: int = 2) -> Sam3VideoConfig:
         score_threshold_detection=0.0,
         new_det_thresh=0.0,
         det_nms_thresh=0.0,
-        max_num_objects=num_prompts,
+        max_num_objects=num_prompts * objects_per_prompt,
         hotstart_delay=0,
     )
 
 
-def tiny_model(num_prompts: int = 2, seed: int = 0) -> Sam3VideoModel:
-    """A random tiny SAM3 video model, in eval mode, that emits one object per prompt."""
+def tiny_model(num_prompts: int = 2, objects_per_prompt: int = 1, seed: int = 0) -> Sam3VideoModel:
+    """A random tiny SAM3 video model, in eval mode, that emits `objects_per_prompt` objects per prompt."""
     torch.manual_seed(seed)
-    model = Sam3VideoModel(tiny_config(num_prompts)).eval()
+    model = Sam3VideoModel(tiny_config(num_prompts, objects_per_prompt)).eval()
     with torch.no_grad():
         # Without these the tracker calls its objects absent and some masks come out empty.
         model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
@@ -140,10 +143,10 @@ def tiny_processor() -> Sam3VideoProcessor:
     )
 
 
-def save_tiny_sam3(directory: Path, num_prompts: int = 2) -> Path:
+def save_tiny_sam3(directory: Path, num_prompts: int = 2, objects_per_prompt: int = 1) -> Path:
     """Save model + processor so that `from_pretrained(directory)` loads them offline."""
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_model(num_prompts).save_pretrained(directory)
+    tiny_model(num_prompts, objects_per_prompt).save_pretrained(directory)
     tiny_processor().save_pretrained(directory)
     return directory
 
@@ -151,9 +154,10 @@ def save_tiny_sam3(directory: Path, num_prompts: int = 2) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="where to save the model directory")
-    parser.add_argument("--num-prompts", type=int, default=2, help="objects tracked per frame (default 2)")
+    parser.add_argument("--num-prompts", type=int, default=2, help="prompts the model will be given (default 2)")
+    parser.add_argument("--objects-per-prompt", type=int, default=1, help="objects each prompt yields per frame (default 1)")
     args = parser.parse_args(argv)
-    print(save_tiny_sam3(args.directory, args.num_prompts))
+    print(save_tiny_sam3(args.directory, args.num_prompts, args.objects_per_prompt))
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import make_tiny_sam3
 import process_segmentation as ps
 from conftest import REPO, pitch_frame, write_test_video
 
@@ -99,23 +100,28 @@ def test_sample_frames_max_frames_stops_early(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def detections_from_full_masks(object_ids, prompts, masks: np.ndarray) -> ps.Detections:
+    """Detections from (N, H, W) bool masks, cropped the way the pipeline stores them."""
+    boxes, crops = [], []
+    for mask in masks:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes.append([cols[0], rows[0], cols[-1], rows[-1]])
+        crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    return ps.Detections(np.array(object_ids), list(prompts), np.full(len(masks), 0.9, np.float32), np.array(boxes), crops)
+
+
 def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
     frame = pitch_frame(0, 320, 180)
     masks = np.zeros((2, 180, 320), dtype=bool)
     masks[0, 100:160, 20:200] = True  # large object
+    masks[0, 100:110, 20:40] = False  # with a notch: the box is not all mask
     masks[1, 120:130, 60:70] = True  # small object on top of it
-    detections = ps.Detections(
-        object_ids=np.array([3, 7]),
-        prompts=PROMPTS,
-        scores=np.array([0.9, 0.8], dtype=np.float32),
-        boxes=np.array([[20, 100, 199, 159], [60, 120, 69, 129]], dtype=np.float32),
-        masks=masks,
-    )
-    out = ps.draw_overlay(frame, detections)
+    out = ps.draw_overlay(frame, detections_from_full_masks([3, 7], PROMPTS, masks))
 
     assert out.shape == frame.shape and out.dtype == np.uint8
     changed = np.any(out != frame, axis=2)
     assert changed[masks[0] | masks[1]].mean() > 0.95
+    assert not changed[102:108, 24:36].any(), "the notch is inside the box but not in the mask"
     outside_boxes = np.ones((180, 320), dtype=bool)
     outside_boxes[80:162, 18:202] = False  # boxes, their outlines and the label above them
     assert not changed[outside_boxes].any()
@@ -124,6 +130,46 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
     expected = 0.5 * under_large + 0.5 * np.array(ps.object_color(7))
     assert np.abs(out[125, 65].astype(float) - expected).max() <= 2
     assert ps.object_color(3) != ps.object_color(7) and ps.object_color(3) == ps.object_color(3 + len(ps.PALETTE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: our box-local post-processing against transformers' own
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crowd_segmenter(tmp_path_factory) -> ps.Segmenter:
+    """The tiny SAM3 tracking 20 objects (10 queries per prompt), as in the benchmark."""
+    directory = make_tiny_sam3.save_tiny_sam3(tmp_path_factory.mktemp("crowd"), num_prompts=2, objects_per_prompt=10)
+    return ps.load_segmenter(str(directory), "cpu")
+
+
+@pytest.mark.parametrize("size", [(180, 320), (97, 161)], ids=["320x180", "odd-161x97"])
+def test_masks_match_transformers_postprocess_outputs(crowd_segmenter, size):
+    height, width = size
+    processor, model = crowd_segmenter.processor, crowd_segmenter.model
+    session = processor.init_video_session(inference_device="cpu", dtype=torch.float32)
+    processor.add_text_prompt(session, PROMPTS)
+    objects_compared = 0
+    with torch.inference_mode():
+        for frame_idx in range(4):
+            pixels = processor.video_processor(videos=[pitch_frame(frame_idx, width, height)], return_tensors="pt")
+            session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
+            output = model(inference_session=session, frame_idx=frame_idx)
+            reference = processor.postprocess_outputs(session, output, original_sizes=[[height, width]])
+            ours = ps.detections_from_output(output, session, size)
+
+            expected = {int(i): m.numpy() for i, m in zip(reference["object_ids"], reference["masks"]) if m.any()}
+            assert sorted(expected) == sorted(map(int, ours.object_ids))
+            for index, obj_id in enumerate(map(int, ours.object_ids)):
+                mine = ours.full_mask(index, size)
+                iou = np.count_nonzero(mine & expected[obj_id]) / np.count_nonzero(mine | expected[obj_id])
+                assert iou >= 0.98, (frame_idx, obj_id, iou)
+                x0, y0, x1, y1 = ours.boxes[index]
+                rows, cols = np.flatnonzero(mine.any(axis=1)), np.flatnonzero(mine.any(axis=0))
+                assert (x0, y0, x1, y1) == (cols[0], rows[0], cols[-1], rows[-1]), "box must be the mask's tight box"
+                objects_compared += 1
+    assert objects_compared >= 8, "the tiny model should give several non-empty masks to compare"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +260,45 @@ def test_folder_and_files_share_one_model_load_and_rerun_skips(tmp_path, tiny_mo
     assert code == 0 and len(loads) == 2
     assert (out / "c" / "c_segmented.mp4").stat().st_mtime_ns != stamps[out / "c" / "c_segmented.mp4"]
     assert (out / "b" / "b_segmented.mp4").stat().st_mtime_ns == stamps[out / "b" / "b_segmented.mp4"]
+
+
+def test_chunked_run_keeps_ids_across_windows_and_every_frame(tmp_path, tiny_model_dir, capsys):
+    video = write_test_video(tmp_path / "long.mp4", seconds=2.0, fps=10)
+    runs = {}
+    for name, chunk in [("whole", "1000"), ("chunked", "8")]:
+        out = tmp_path / name
+        code, stderr = run_cli(segment([video], out, tiny_model_dir, "--sample-fps", "0", "--chunk-frames", chunk), capsys)
+        assert code == 0, stderr
+        runs[name] = json.loads((out / "long" / "long_metadata.json").read_text())
+        _, frames = decode(out / "long" / "long_segmented.mp4")
+        assert len(frames) == 20
+
+    chunked, whole = runs["chunked"], runs["whole"]
+    # windows share a frame: 0-7, 7-14, 14-19
+    assert chunked["chunking"] == {"chunk_frames": 8, "windows": 3, "frames_per_window": [8, 8, 6]}
+    assert whole["chunking"]["windows"] == 1
+    assert chunked["frames_processed"] == whole["frames_processed"] == 20
+    assert chunked["sampled_frame_indices"] == whole["sampled_frame_indices"] == list(range(20))
+    # one object per prompt stays in view throughout: same IDs, present on every frame
+    assert chunked["objects_detected"] == 2
+    for obj in chunked["objects"]:
+        assert (obj["first_frame"], obj["last_frame"], obj["frames_present"]) == (0, 19, 20), obj
+    assert {o["id"]: o["prompt"] for o in chunked["objects"]} == {o["id"]: o["prompt"] for o in whole["objects"]}
+
+
+def test_match_objects_pairs_by_mask_overlap_within_a_prompt():
+    size = (60, 100)
+    masks = np.zeros((3, *size), dtype=bool)
+    masks[0, 5:30, 5:30] = True  # player, moved a little in `current`
+    masks[1, 35:55, 60:95] = True  # another player
+    masks[2, 40:45, 10:15] = True  # ball
+    previous = detections_from_full_masks([4, 9, 11], ["player", "player", "ball"], masks)
+    moved = masks.copy()
+    moved[0] = np.roll(masks[0], 2, axis=1)
+    current = detections_from_full_masks([0, 1, 2, 3], ["player", "ball", "player", "ball"],
+                                         np.stack([moved[1], moved[2], moved[0], masks[0]]))
+    # local 3 ("ball") overlaps the first player perfectly but has another prompt: no match
+    assert ps.match_objects(previous, current) == {0: 9, 1: 11, 2: 4}
 
 
 def write_not_a_video(path: Path) -> Path:

@@ -1,0 +1,148 @@
+"""The job's `run` block, executed by bash exactly as written in sam3-job.yaml, one process per rank.
+
+Each rank gets the YAML's envs (as SkyPilot exports them) pointed at a folder of synthetic videos,
+the tiny model and its own output folder, so that what a rank did can be read from its outputs:
+a video processed by two ranks, or by none, shows. VENV_DIR points the block's `source` line at
+the venv running these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# Name -> seconds. Names sort against durations, so cutting the sorted list into equal counts
+# (the upstream example's way) would give one share 10 s and another 3 s.
+CLIPS = {"a1": 4, "a2": 3, "a3": 3, "b1": 2, "b2": 2, "b3": 2, "c1": 1, "c2": 1, "c3": 1}
+FEW_CLIPS = {"a1": 4, "b1": 2, "c1": 1}
+PROMPTS = ["soccer player", "ball"]
+
+
+def yaml_task(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def venv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The venv running these tests; a stand-in with the same interpreter when there is none."""
+    prefix = Path(sys.prefix)
+    if (prefix / "bin" / "activate").is_file():
+        return prefix
+    stand_in = tmp_path_factory.mktemp("venv")
+    (stand_in / "bin").mkdir()
+    (stand_in / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (stand_in / "bin" / "python").chmod(0o755)
+    (stand_in / "bin" / "activate").write_text(f'export PATH="{stand_in}/bin:$PATH"\n')
+    return stand_in
+
+
+@pytest.fixture
+def run_block(tmp_path: Path, tiny_model_dir: Path, venv_dir: Path):
+    """run_block(yaml_name, output_dir, rank=None, num_jobs=None, **envs) -> (exit status, output)."""
+
+    def run(yaml_name: str, output_dir: Path, rank: int | None = None, num_jobs: int | None = None, **envs: str):
+        task = yaml_task(yaml_name)
+        script = tmp_path / f"{Path(yaml_name).stem}-run.sh"
+        script.write_text(task["run"])
+        env = {key: value for key, value in os.environ.items() if not key.startswith("SKYPILOT_")}
+        env.update({key: str(value) for key, value in task["envs"].items() if value is not None})
+        env.update(
+            OUTPUT_DIR=str(output_dir), MODEL=str(tiny_model_dir), VENV_DIR=str(venv_dir),
+            HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PROMPTS=";".join(PROMPTS), **envs,
+        )
+        if rank is not None:
+            env.update(SKYPILOT_JOB_RANK=str(rank), SKYPILOT_NUM_JOBS=str(num_jobs))
+        result = subprocess.run(
+            ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    return run
+
+
+def make_clips(folder: Path, clips: dict[str, int], make_video) -> Path:
+    folder.mkdir()
+    for stem, seconds in clips.items():
+        make_video(folder / f"{stem}.mp4", seconds=seconds, fps=5, size=(160, 96))
+    return folder
+
+
+def completed(output_dir: Path) -> dict[str, dict]:
+    """Stem -> metadata of every video this output folder holds as complete."""
+    found = {}
+    for path in sorted(output_dir.glob("*/*_metadata.json")):
+        metadata = json.loads(path.read_text())
+        if metadata.get("status") == "complete" and (path.parent / f"{path.parent.name}_segmented.mp4").is_file():
+            found[path.parent.name] = metadata
+    return found
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("num_jobs", "clips"),
+    [(1, CLIPS), (2, CLIPS), (3, CLIPS), (7, CLIPS), (5, FEW_CLIPS)],
+    ids=["1-job", "2-jobs", "3-jobs", "7-jobs", "more-jobs-than-videos"],
+)
+def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_jobs, clips):
+    videos = make_clips(tmp_path / "videos", clips, make_video)
+    outputs = [tmp_path / f"out-rank{rank}" for rank in range(num_jobs)]
+
+    def job(rank: int):
+        if num_jobs == 1:  # plain `sky launch` sets neither variable: the block defaults to 0 of 1
+            return run_block("sam3-job.yaml", outputs[rank], VIDEO_DIR=str(videos))
+        return run_block("sam3-job.yaml", outputs[rank], rank, num_jobs, VIDEO_DIR=str(videos))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two cores in CI
+        results = list(pool.map(job, range(num_jobs)))
+    for rank, (status, output) in enumerate(results):
+        assert status == 0, f"rank {rank} of {num_jobs} failed:\n{output[-3000:]}"
+
+    shares = [completed(out) if out.exists() else {} for out in outputs]
+    names = [sorted(share) for share in shares]
+    assert sorted(sum(names, [])) == sorted(clips), f"every video exactly once; shares: {names}"
+    for share in shares:
+        for stem, metadata in share.items():
+            assert metadata["source_path"] == str(videos / f"{stem}.mp4")
+            assert metadata["prompts"] == PROMPTS
+            assert metadata["frames_processed"] == clips[stem]  # 1 frame per second of video
+
+    seconds = [sum(clips[stem] for stem in share) for share in names]
+    ideal = sum(clips.values()) / num_jobs
+    largest = max(range(num_jobs), key=lambda rank: seconds[rank])
+    # Within one video of the ideal: without its last (shortest) video, the largest share is at most ideal.
+    assert seconds[largest] - min(clips[stem] for stem in names[largest]) <= ideal, (seconds, ideal)
+    print(f"\n{num_jobs} jobs, {len(clips)} videos ({sum(clips.values())} s): videos per share "
+          f"{[len(share) for share in names]}, seconds per share {seconds}, ideal {ideal:.2f} s: {names}")
+
+    # A recovered job (same rank) finds its videos complete and does nothing.
+    before = snapshot(outputs[largest])
+    status, output = job(largest)
+    assert status == 0, output[-3000:]
+    assert snapshot(outputs[largest]) == before
+
+
+def test_job_run_failed_video_fails_job(tmp_path, make_video, run_block):
+    videos = make_clips(tmp_path / "videos", {"good": 1}, make_video)
+    (videos / "broken.mp4").write_bytes(b"not a video" * 100)
+    status, output = run_block("sam3-job.yaml", tmp_path / "out", VIDEO_DIR=str(videos))
+    assert status == 1, output[-3000:]
+    assert sorted(completed(tmp_path / "out")) == ["good"]
+    assert (tmp_path / "out" / "broken" / "broken_error.json").is_file()
+
+
+def test_single_run_max_videos_subset(tmp_path, make_video, run_block):
+    videos = make_clips(tmp_path / "videos", FEW_CLIPS, make_video)
+    status, output = run_block("sam3-test-single.yaml", tmp_path / "out", VIDEO_DIR=str(videos), MAX_VIDEOS="2")
+    assert status == 0, output[-3000:]
+    assert sorted(completed(tmp_path / "out")) == ["a1", "b1"]  # the first two by name

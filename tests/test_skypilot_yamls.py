@@ -1,0 +1,168 @@
+"""The three SkyPilot YAMLs as SkyPilot itself parses them (offline), plus `bash -n` on their scripts.
+
+SkyPilot conflicts with the test venv (transformers pins click), so it runs in its own interpreter:
+$SKYPILOT_PYTHON, else <repo>/.venv-sky/bin/python. tests/sky_inspect.py does the parsing there
+and prints JSON facts; one subprocess serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "my-test-bucket"
+TOKEN = "hf_test_token"
+L40S = {"L40S": 1}
+
+# name -> how the CLI would be called (--env / --secret) for that YAML.
+CASES: dict[str, dict[str, Any]] = {
+    "pool": {"yaml": "sam3-pool.yaml", "env": {"OUTPUT_BUCKET_NAME": BUCKET}, "secret": {"HF_TOKEN": TOKEN}},
+    "pool_without_bucket": {"yaml": "sam3-pool.yaml", "secret": {"HF_TOKEN": TOKEN}},
+    "pool_without_secret": {"yaml": "sam3-pool.yaml", "env": {"OUTPUT_BUCKET_NAME": BUCKET}},
+    "job": {"yaml": "sam3-job.yaml", "secret": {"HF_TOKEN": TOKEN}},
+    "single": {"yaml": "sam3-test-single.yaml", "env": {"OUTPUT_BUCKET_NAME": BUCKET}, "secret": {"HF_TOKEN": TOKEN}},
+    "single_without_bucket": {"yaml": "sam3-test-single.yaml", "secret": {"HF_TOKEN": TOKEN}},
+}
+
+
+def skypilot_python() -> Path:
+    return Path(os.environ.get("SKYPILOT_PYTHON") or REPO / ".venv-sky" / "bin" / "python")
+
+
+@pytest.fixture(scope="module")
+def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HOME for SkyPilot (`import sky` writes ~/.sky), with the Kaggle credentials the YAMLs mount."""
+    home = tmp_path_factory.mktemp("sky-home")
+    (home / ".kaggle").mkdir()
+    (home / ".kaggle" / "kaggle.json").write_text('{"username": "someone", "key": "0123"}')
+    return home
+
+
+@pytest.fixture(scope="module")
+def facts(sky_home: Path) -> dict[str, dict[str, Any]]:
+    """What SkyPilot parsed for each entry of CASES."""
+    python = skypilot_python()
+    if not python.exists():
+        pytest.fail(
+            f"SkyPilot interpreter not found: {python}. These tests need `skypilot` (PyPI) in a separate venv: "
+            "python -m venv .venv-sky && .venv-sky/bin/pip install skypilot, or set SKYPILOT_PYTHON."
+        )
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HOME=str(sky_home), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
+    cases = [{**case, "yaml": str(REPO / case["yaml"])} for case in CASES.values()]
+    result = subprocess.run(
+        [str(python), str(REPO / "tests" / "sky_inspect.py")],
+        input=json.dumps(cases), capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert result.returncode == 0, f"sky_inspect.py failed:\n{result.stderr[-4000:]}"
+    return dict(zip(CASES, json.loads(result.stdout)))
+
+
+def ok(facts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    assert "error" not in facts[name], f"SkyPilot rejected {CASES[name]['yaml']}: {facts[name]['error']}"
+    return facts[name]
+
+
+def test_pool_yaml_parses_as_pool_with_three_workers(facts):
+    pool = ok(facts, "pool")
+    assert pool["is_pool"]
+    assert pool["workers"] == 3
+    assert pool["max_workers"] is None  # fixed size
+    assert pool["pool_validation"] == "ok"
+    assert pool["run"] is None
+
+
+@pytest.mark.parametrize("name", ["job", "single"])
+def test_non_pool_yaml_is_not_a_pool(facts, name):
+    assert not ok(facts, name)["is_pool"]
+
+
+@pytest.mark.parametrize("name", ["pool", "job", "single"])
+def test_yaml_accelerators_l40s(facts, name):
+    resources = ok(facts, name)["resources"]
+    assert [r["accelerators"] for r in resources] == [L40S]  # SkyPilot does not check the name offline
+
+
+def test_job_yaml_resources_match_pool(facts):
+    def without_recovery(resources):
+        return [{k: v for k, v in r.items() if k != "job_recovery"} for r in resources]
+
+    assert without_recovery(ok(facts, "job")["resources"]) == without_recovery(ok(facts, "pool")["resources"])
+
+
+def test_job_yaml_retries_failed_jobs(facts):
+    assert ok(facts, "job")["resources"][0]["job_recovery"]["max_restarts_on_errors"] == 3
+    # SkyPilot refuses job_recovery in a pool; the pool YAML passed its validation above without it.
+    assert ok(facts, "pool")["resources"][0]["job_recovery"] is None
+
+
+def test_job_yaml_has_nothing_pools_ignore(facts):
+    job = ok(facts, "job")
+    assert job["setup"] is None
+    assert job["workdir"] is None
+    assert job["file_mounts"] == {}
+    assert job["storage_mounts"] == {}
+    assert job["run"]
+
+
+@pytest.mark.parametrize("name", ["pool", "single"])
+def test_yaml_bucket_from_env(facts, name):
+    parsed = ok(facts, name)
+    assert parsed["storage_mounts"] == {"/outputs": {"source": f"s3://{BUCKET}", "mode": "MOUNT_CACHED"}}
+    assert parsed["envs"]["OUTPUT_BUCKET_NAME"] == BUCKET
+
+
+@pytest.mark.parametrize("name", ["pool_without_bucket", "single_without_bucket"])
+def test_yaml_bucket_env_required(facts, name):
+    assert "OUTPUT_BUCKET_NAME" in facts[name].get("error", ""), facts[name]
+
+
+@pytest.mark.parametrize("name", ["pool", "job", "single"])
+def test_yaml_secret_resolves(facts, name):
+    parsed = ok(facts, name)
+    assert parsed["secrets"] == {"HF_TOKEN": TOKEN}
+    assert parsed["managed_secret_refs"] == []
+    assert "HF_TOKEN" not in parsed["envs"]
+
+
+def test_pool_yaml_secret_without_flag_is_launch_time_reference(facts):
+    parsed = ok(facts, "pool_without_secret")
+    assert parsed["secrets"] == {}
+    assert parsed["managed_secret_refs"] == ["HF_TOKEN"]  # resolved by `sky` at launch, never in the YAML
+
+
+@pytest.mark.parametrize("name", ["pool", "single"])
+def test_yaml_mounts_kaggle_credentials_and_workdir(facts, sky_home, name):
+    parsed = ok(facts, name)
+    assert parsed["file_mounts"] == {"~/.kaggle/kaggle.json": str(sky_home / ".kaggle" / "kaggle.json")}
+    assert parsed["workdir"] == str(REPO)
+
+
+def test_single_yaml_setup_same_as_pool(facts):
+    pool, single = ok(facts, "pool"), ok(facts, "single")
+    assert single["setup"] == pool["setup"]
+    assert single["file_mounts"] == pool["file_mounts"]
+    assert single["storage_mounts"] == pool["storage_mounts"]
+
+
+def test_single_yaml_envs_same_defaults_as_job(facts):
+    job, single = ok(facts, "job"), ok(facts, "single")
+    assert {key: single["envs"].get(key) for key in job["envs"]} == job["envs"]
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("pool", "setup"), ("job", "run"), ("single", "setup"), ("single", "run")],
+    ids=["pool-setup", "job-run", "single-setup", "single-run"],
+)
+def test_yaml_script_bash_syntax(facts, name, field):
+    script = ok(facts, name)[field]
+    assert script, f"{name} has no {field}"
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
