@@ -2,6 +2,9 @@
 
 For each video this writes, under OUTPUT_DIR/<stem>/:
   <stem>_segmented.mp4   H.264 (yuv420p, faststart) with each object's mask, box, ID and prompt drawn
+  <stem>_tracks.jsonl    per frame: each object's ID, prompt, score, box and COCO RLE mask
+  <stem>_mot.txt         the boxes in MOTChallenge format
+  <stem>_preview.jpg     a contact sheet of six overlay frames
   <stem>_metadata.json   what was processed and found; written last, so its presence means "complete"
   <stem>_error.json      only when the video failed: one line saying why
 
@@ -9,6 +12,7 @@ Usage:
   python process_segmentation.py match.mp4
   python process_segmentation.py videos/ other.mov --prompts "soccer player" ball --sample-fps 2
   python process_segmentation.py /data/videos --shard-index 3 --num-shards 10   # this job's share
+  python process_segmentation.py --summarize OUTPUT_DIR [videos/]               # done / failed / missing
 
 Frames are decoded, tracked, drawn and encoded one at a time, and the model is loaded once per run.
 Exit status: 0 when every video is complete, 1 when any video failed, 2 on a usage error.
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime
+import io
 import itertools
 import json
 import math
@@ -40,6 +46,7 @@ import av
 import cv2
 import numpy as np
 import torch
+from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
 DEFAULT_MODEL = "facebook/sam3"
@@ -53,13 +60,32 @@ MASK_ALPHA = 0.5
 # 100 sampled frames with ~25 objects stays well inside an L40S's 48 GB (see README).
 DEFAULT_CHUNK_FRAMES = 100
 MATCH_IOU = 0.3  # least mask IoU, on the frame two windows share, to keep an object's ID
+PREVIEW_GRID = (3, 2)  # columns, rows of the contact sheet
+PREVIEW_TILE_WIDTH = 480
+PREVIEW_JPEG_QUALITY = 85
 # tab20-like, reordered so that consecutive IDs get contrasting colours. RGB.
 PALETTE = np.array(
     [
-        (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-        (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 187, 120),
-        (174, 199, 232), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
-        (247, 182, 210), (219, 219, 141), (158, 218, 229), (127, 127, 127), (255, 255, 255),
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (188, 189, 34),
+        (23, 190, 207),
+        (255, 187, 120),
+        (174, 199, 232),
+        (152, 223, 138),
+        (255, 152, 150),
+        (197, 176, 213),
+        (196, 156, 148),
+        (247, 182, 210),
+        (219, 219, 141),
+        (158, 218, 229),
+        (127, 127, 127),
+        (255, 255, 255),
     ],
     dtype=np.uint8,
 )
@@ -177,18 +203,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Text-prompted video segmentation with SAM3: overlay MP4 + metadata JSON per video.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", type=Path, help="video files or folders of videos (searched recursively)")
+    parser.add_argument(
+        "inputs", nargs="*", type=Path, help="video files or folders of videos (searched recursively)"
+    )
     parser.add_argument("--output-dir", type=Path, default=default_output_dir(), help="where results go")
-    parser.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="text prompts, one object class each")
-    parser.add_argument("--sample-fps", type=float, default=DEFAULT_SAMPLE_FPS, help="frames per second of video to process; 0 = every frame")
-    parser.add_argument("--max-frames", type=int, default=0, help="stop each video after this many sampled frames; 0 = no limit")
-    parser.add_argument("--chunk-frames", type=int, default=DEFAULT_CHUNK_FRAMES, help="sampled frames per SAM3 session; bounds memory on long videos")
+    parser.add_argument(
+        "--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="text prompts, one object class each"
+    )
+    parser.add_argument(
+        "--sample-fps",
+        type=float,
+        default=DEFAULT_SAMPLE_FPS,
+        help="frames per second of video to process; 0 = every frame",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=0,
+        help="stop each video after this many sampled frames; 0 = no limit",
+    )
+    parser.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=DEFAULT_CHUNK_FRAMES,
+        help="sampled frames per SAM3 session; bounds memory on long videos",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model ID or local directory")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available")
-    parser.add_argument("--overwrite", action="store_true", help="redo videos whose results are already complete")
-    parser.add_argument("--shard-index", type=int, default=0, help="which share of the videos this process takes (0-based)")
+    parser.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo videos whose results are already complete"
+    )
+    parser.add_argument(
+        "--no-tracks",
+        dest="tracks",
+        action="store_false",
+        help="skip the per-frame tracks (JSONL with COCO RLE masks, MOT text)",
+    )
+    parser.add_argument(
+        "--shard-index", type=int, default=0, help="which share of the videos this process takes (0-based)"
+    )
     parser.add_argument("--num-shards", type=int, default=1, help="how many shares the videos are split into")
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        metavar="DIR",
+        help="only write DIR/summary.json and DIR/summary.csv (done / failed / missing per video); INPUTs, if given, are the videos expected in DIR",
+    )
     args = parser.parse_args(argv)
+    if not args.inputs and args.summarize is None:
+        parser.error("the following arguments are required: inputs (or --summarize DIR)")
     if args.max_frames < 0:
         parser.error(f"--max-frames must be 0 or more, got {args.max_frames}")
     if args.chunk_frames < 2:
@@ -196,7 +261,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not math.isfinite(args.sample_fps):
         parser.error(f"--sample-fps must be a number, got {args.sample_fps}")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
-        parser.error(f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}")
+        parser.error(
+            f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}"
+        )
     args.prompts = [" ".join(prompt.split()) for prompt in args.prompts]
     if not all(args.prompts):
         parser.error("--prompts must not contain empty text")
@@ -223,7 +290,9 @@ def collect_videos(inputs: Sequence[Path]) -> list[Path]:
     stems: dict[str, Path] = {}
     for video in videos:
         if video.stem in stems:
-            raise UsageError(f"{video} and {stems[video.stem]} would both write to <output-dir>/{video.stem}/: rename one")
+            raise UsageError(
+                f"{video} and {stems[video.stem]} would both write to <output-dir>/{video.stem}/: rename one"
+            )
         stems[video.stem] = video
     return videos
 
@@ -257,7 +326,7 @@ def select_shard(videos: Sequence[Path], shard_index: int, num_shards: int) -> l
         weights = [video.stat().st_size if video.is_file() else 0 for video in videos]
     loads = [0.0] * num_shards
     mine: list[Path] = []
-    for weight, video in sorted(zip(weights, videos), key=lambda item: (-item[0], str(item[1]))):
+    for weight, video in sorted(zip(weights, videos, strict=True), key=lambda item: (-item[0], str(item[1]))):
         shard = min(range(num_shards), key=lambda index: (loads[index], index))
         loads[shard] += weight
         if shard == shard_index:
@@ -286,8 +355,10 @@ def load_segmenter(model_name: str, requested_device: str) -> Segmenter:
 
     device, dtype = choose_device(requested_device)
     looks_like_path = model_name.startswith((os.sep, ".", "~")) or model_name.count("/") > 1
-    if looks_like_path and not Path(model_name).expanduser().is_dir():
-        raise UsageError(f"cannot load model {model_name}: no such directory")
+    if looks_like_path:
+        if not Path(model_name).expanduser().is_dir():
+            raise UsageError(f"cannot load model {model_name}: no such directory")
+        model_name = str(Path(model_name).expanduser())
     token = os.environ.get("HF_TOKEN") or None
     try:
         processor = Sam3VideoProcessor.from_pretrained(model_name, token=token)
@@ -380,7 +451,9 @@ def output_span(low: int, high: int, in_size: int, out_size: int) -> tuple[int, 
     return start, stop
 
 
-def upsample_region(logits: np.ndarray, size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+def upsample_region(
+    logits: np.ndarray, size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]
+) -> np.ndarray:
     """Bilinear upsample of (h, w) float32 logits to `size` (H, W), computed only for output
     rows [rows) and columns [cols): the same values as that region of torch's
     `interpolate(mode="bilinear", align_corners=False)` over the whole frame (to ~1e-4)."""
@@ -391,8 +464,11 @@ def upsample_region(logits: np.ndarray, size: tuple[int, int], rows: tuple[int, 
         [[scale_x, 0.0, (cols[0] + 0.5) * scale_x - 0.5], [0.0, scale_y, (rows[0] + 0.5) * scale_y - 0.5]]
     )
     return cv2.warpAffine(
-        logits, to_source, (cols[1] - cols[0], rows[1] - rows[0]),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE,
+        logits,
+        to_source,
+        (cols[1] - cols[0], rows[1] - rows[0]),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
     )
 
 
@@ -427,7 +503,9 @@ def masks_from_logits(
         if crops[i] is None:
             continue
         y0, x0, crop = crops[i]
-        taken = claimed.setdefault(groups[i], np.zeros(size, dtype=bool))[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
+        taken = claimed.setdefault(groups[i], np.zeros(size, dtype=bool))[
+            y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]
+        ]
         np.greater(crop, taken, out=crop)  # crop and not taken
         taken |= crop
         left, top, box_w, box_h = cv2.boundingRect(crop.view(np.uint8))
@@ -450,7 +528,7 @@ def detections_from_output(output: Any, session: Any, size: tuple[int, int]) -> 
         groups=[session.obj_id_to_prompt_id[obj_id] for obj_id in object_ids],
         size=size,
     )
-    kept = [(obj_id, mask) for obj_id, mask in zip(object_ids, masks) if mask is not None]
+    kept = [(obj_id, mask) for obj_id, mask in zip(object_ids, masks, strict=True) if mask is not None]
     return Detections(
         object_ids=np.array([obj_id for obj_id, _ in kept], dtype=np.int64),
         prompts=[session.prompts[session.obj_id_to_prompt_id[obj_id]] for obj_id, _ in kept],
@@ -477,7 +555,9 @@ def track_window(
     delay = max(int(model.hotstart_delay), 1)
     with torch.inference_mode():
         for frame_idx, sample in enumerate(frames):
-            pixels = processor.video_processor(videos=[sample.rgb], device=segmenter.device, return_tensors="pt")
+            pixels = processor.video_processor(
+                videos=[sample.rgb], device=segmenter.device, return_tensors="pt"
+            )
             session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
             output = model(inference_session=session, frame_idx=frame_idx)
             session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
@@ -543,7 +623,7 @@ def track_objects(
     upcoming = next(frames, None)
     carried: tuple[SampledFrame, Detections] | None = None
     to_global: dict[int, int] = {}
-    next_id = 0
+    next_id = 1  # IDs start at 1, as MOTChallenge files expect
     while upcoming is not None:
         lead = [carried[0]] if carried else []
         window = itertools.islice(itertools.chain(lead, [upcoming], frames), chunk_frames)
@@ -603,13 +683,26 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
         (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = max(y0 - text_h - baseline - 2, 0)
         cv2.rectangle(canvas, (x0, top), (x0 + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
-        cv2.putText(canvas, label, (x0 + 1, top + text_h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            label,
+            (x0 + 1, top + text_h + 1),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            thickness,
+            cv2.LINE_AA,
+        )
     return canvas
 
 
-def update_tracks(tracks: dict[int, ObjectTrack], frame_number: int, timestamp: float, detections: Detections) -> None:
+def update_tracks(
+    tracks: dict[int, ObjectTrack], frame_number: int, timestamp: float, detections: Detections
+) -> None:
     """Fold one frame's objects into the per-object summaries."""
-    for obj_id, prompt, score in zip(detections.object_ids, detections.prompts, detections.scores):
+    for obj_id, prompt, score in zip(
+        detections.object_ids, detections.prompts, detections.scores, strict=True
+    ):
         track = tracks.setdefault(
             int(obj_id), ObjectTrack(int(obj_id), prompt, frame_number, frame_number, timestamp, timestamp)
         )
@@ -674,14 +767,158 @@ def publish(local_file: Path, destination: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary name in the same folder, then rename)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` whole, even while other processes or threads write it too.
+
+    Each writer uses its own temporary file in the same folder (pid and a random suffix in the
+    name), then renames it over `path`: readers see one complete version, the last rename wins.
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.partial")
     try:
-        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.write_text(text)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
+def coco_rle(box: np.ndarray, crop: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
+    """A box-cropped mask as COCO's compressed RLE of the full (H, W) frame.
+
+    The same string `pycocotools.mask.encode` gives for the full mask, computed from the crop:
+    COCO runs go down columns, so the columns left and right of the box are single zero runs.
+    """
+    height, width = size
+    x0, y0, x1, y1 = map(int, box)
+    columns = np.zeros((height, crop.shape[1]), dtype=np.uint8)
+    columns[y0 : y1 + 1] = crop
+    flat = columns.ravel(order="F")
+    runs = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]]))
+    if flat[0]:  # COCO runs start with zeros
+        runs = np.concatenate([[0], runs])
+    runs[0] += x0 * height
+    trailing = (width - 1 - x1) * height
+    if not flat[-1]:
+        runs[-1] += trailing
+    elif trailing:
+        runs = np.concatenate([runs, [trailing]])
+    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": runs.tolist()}, height, width)
+    return {"size": [height, width], "counts": encoded["counts"].decode("ascii")}
+
+
+class TrackWriter:
+    """Stream per-frame tracks to two local files: JSON lines with COCO RLE masks, and
+    MOTChallenge rows (frame, id, bb_left, bb_top, bb_width, bb_height, conf, -1, -1, -1)."""
+
+    def __init__(self, jsonl_path: Path, mot_path: Path, size: tuple[int, int]) -> None:
+        self.size = size
+        self.jsonl = jsonl_path.open("w")
+        self.mot = mot_path.open("w")
+
+    def write(self, frame_number: int, sample: SampledFrame, detections: Detections) -> None:
+        objects = []
+        for obj_id, prompt, score, box, crop in zip(
+            detections.object_ids,
+            detections.prompts,
+            detections.scores,
+            detections.boxes,
+            detections.masks,
+            strict=True,
+        ):
+            x0, y0, x1, y1 = map(int, box)
+            objects.append(
+                {
+                    "id": int(obj_id),
+                    "prompt": prompt,
+                    "score": round(float(score), 4),
+                    "box": [x0, y0, x1, y1],
+                    "area": int(np.count_nonzero(crop)),
+                    "mask": coco_rle(box, crop, self.size),
+                }
+            )
+            self.mot.write(
+                f"{frame_number + 1},{int(obj_id)},{x0},{y0},{x1 - x0 + 1},{y1 - y0 + 1},{float(score):.4f},-1,-1,-1\n"
+            )
+        record = {
+            "frame": frame_number,
+            "source_frame": sample.source_index,
+            "timestamp": round(sample.timestamp, 6),
+            "objects": objects,
+        }
+        self.jsonl.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.mot.close()
+
+    def __enter__(self) -> TrackWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class PreviewSheet:
+    """Evenly spaced thumbnails from a stream of frames of unknown length, as one contact sheet.
+
+    Keeps every `stride`-th frame; when four times the tiles are kept, drops every other one and
+    doubles the stride, so memory stays under 4 x tiles thumbnails and the chosen tiles are
+    spaced evenly to within a quarter of their spacing.
+    """
+
+    def __init__(self, frame_size: tuple[int, int]) -> None:
+        height, width = frame_size
+        self.tile_size = (PREVIEW_TILE_WIDTH, max(2, round(PREVIEW_TILE_WIDTH * height / width / 2) * 2))
+        self.tiles = PREVIEW_GRID[0] * PREVIEW_GRID[1]
+        self.stride = 1
+        self.kept: list[np.ndarray] = []
+
+    def offer(self, frame_number: int, timestamp: float, frame: np.ndarray) -> None:
+        """frame: (H, W, 3) uint8 RGB, already drawn on."""
+        if frame_number % self.stride:
+            return
+        thumbnail = cv2.resize(frame, self.tile_size, interpolation=cv2.INTER_AREA)
+        cv2.putText(
+            thumbnail,
+            f"{timestamp:.1f} s",
+            (6, 20),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.55,
+            (255, 255, 255),
+            2,
+            cv2.LINE_AA,
+        )
+        self.kept.append(thumbnail)
+        if len(self.kept) >= 4 * self.tiles:
+            self.kept, self.stride = self.kept[::2], self.stride * 2
+
+    def render(self) -> np.ndarray:
+        """(rows * tile_h, columns * tile_w, 3) uint8 RGB; unused tiles stay black."""
+        columns, rows = PREVIEW_GRID
+        tile_w, tile_h = self.tile_size
+        sheet = np.zeros((rows * tile_h, columns * tile_w, 3), dtype=np.uint8)
+        chosen = np.unique(
+            np.linspace(0, len(self.kept) - 1, num=min(self.tiles, len(self.kept))).round().astype(int)
+        )
+        for slot, index in enumerate(chosen):
+            row, column = divmod(slot, columns)
+            sheet[row * tile_h : (row + 1) * tile_h, column * tile_w : (column + 1) * tile_w] = self.kept[
+                index
+            ]
+        return sheet
+
+    def save(self, path: Path) -> None:
+        ok, jpeg = cv2.imencode(
+            ".jpg",
+            cv2.cvtColor(self.render(), cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY],
+        )
+        if not ok:
+            raise RuntimeError("JPEG encoding of the preview failed")
+        path.write_bytes(jpeg.tobytes())
 
 
 def output_paths(output_dir: Path, video: Path) -> dict[str, Path]:
@@ -689,6 +926,9 @@ def output_paths(output_dir: Path, video: Path) -> dict[str, Path]:
     return {
         "folder": folder,
         "video": folder / f"{video.stem}_segmented.mp4",
+        "tracks": folder / f"{video.stem}_tracks.jsonl",
+        "mot": folder / f"{video.stem}_mot.txt",
+        "preview": folder / f"{video.stem}_preview.jpg",
         "metadata": folder / f"{video.stem}_metadata.json",
         "error": folder / f"{video.stem}_error.json",
     }
@@ -721,7 +961,9 @@ def now_iso() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace) -> dict[str, Any]:
+def process_video(
+    video: Path, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace
+) -> dict[str, Any]:
     """Segment one video: decode -> SAM3 -> overlay -> encode, frame by frame. Returns its metadata."""
     started = time.monotonic()
     try:
@@ -730,28 +972,45 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
         raise VideoError(f"{video}: not a readable video: {one_line(error)}") from None
 
     paths["folder"].mkdir(parents=True, exist_ok=True)
-    # A stale "complete" metadata must not outlive the outputs it describes.
-    paths["metadata"].unlink(missing_ok=True)
+    products = ["video", "preview", *(["tracks", "mot"] if args.tracks else [])]
+    # Stale results must not outlive a redo: "complete" metadata least of all.
+    for key in ("metadata", *({"tracks", "mot"} - set(products))):
+        paths[key].unlink(missing_ok=True)
     tracks: dict[int, ObjectTrack] = {}
     windows: list[int] = []
     timestamps: list[float] = []
     frame_indices: list[int] = []
     with container, tempfile.TemporaryDirectory(prefix="sam3-") as scratch:
         info = read_video_info(container, video)
+        size = (info.height, info.width)
         fps_out = output_rate(args.sample_fps, info.fps)
         expected = math.ceil(info.duration * fps_out) if info.duration else None
         if args.max_frames and expected:
             expected = min(expected, args.max_frames)
-        local_mp4 = Path(scratch) / paths["video"].name
+        local = {key: Path(scratch) / paths[key].name for key in products}
+        preview = PreviewSheet(size)
         frames = sample_frames(container, args.sample_fps, args.max_frames)
         try:
-            with H264Writer(local_mp4, info.width, info.height, fps_out) as writer, tqdm(
-                total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True
-            ) as progress:
-                tracked = track_objects(segmenter, frames, args.prompts, (info.height, info.width), args.chunk_frames, windows)
-                for sample, detections in tracked:
-                    writer.write(draw_overlay(sample.rgb, detections))
-                    update_tracks(tracks, len(timestamps), sample.timestamp, detections)
+            with contextlib.ExitStack() as stack:
+                writer = stack.enter_context(H264Writer(local["video"], info.width, info.height, fps_out))
+                track_writer = (
+                    stack.enter_context(TrackWriter(local["tracks"], local["mot"], size))
+                    if args.tracks
+                    else None
+                )
+                progress = stack.enter_context(
+                    tqdm(total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True)
+                )
+                for sample, detections in track_objects(
+                    segmenter, frames, args.prompts, size, args.chunk_frames, windows
+                ):
+                    frame_number = len(timestamps)
+                    drawn = draw_overlay(sample.rgb, detections)
+                    writer.write(drawn)
+                    preview.offer(frame_number, sample.timestamp, drawn)
+                    if track_writer:
+                        track_writer.write(frame_number, sample, detections)
+                    update_tracks(tracks, frame_number, sample.timestamp, detections)
                     timestamps.append(round(sample.timestamp, 6))
                     frame_indices.append(sample.source_index)
                     progress.update()
@@ -759,7 +1018,9 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
             raise VideoError(f"{video}: cannot decode: {one_line(error)}") from None
         if not timestamps:
             raise VideoError(f"{video}: no frames could be decoded")
-        publish(local_mp4, paths["video"])
+        preview.save(local["preview"])
+        for key in products:  # the metadata, written by the caller, comes last
+            publish(local[key], paths[key])
 
     seconds = time.monotonic() - started
     objects = sorted(tracks.values(), key=lambda track: track.object_id)
@@ -774,7 +1035,11 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
         "sample_fps": args.sample_fps,
         "output_fps": float(fps_out),
         "max_frames": args.max_frames,
-        "chunking": {"chunk_frames": args.chunk_frames, "windows": len(windows), "frames_per_window": windows},
+        "chunking": {
+            "chunk_frames": args.chunk_frames,
+            "windows": len(windows),
+            "frames_per_window": windows,
+        },
         "frames_processed": len(timestamps),
         "sampled_timestamps": timestamps,
         "sampled_frame_indices": frame_indices,
@@ -801,6 +1066,7 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
         "processing_seconds": round(seconds, 3),
         "frames_per_second": round(len(timestamps) / seconds, 3) if seconds > 0 else None,
         "output_video": str(paths["video"]),
+        "outputs": {key: str(paths[key]) for key in products},
         "output_codec": "h264",
         "completed_at": now_iso(),
     }
@@ -808,14 +1074,120 @@ def process_video(video: Path, paths: dict[str, Path], segmenter: Segmenter, arg
 
 def record_failure(video: Path, paths: dict[str, Path], error: BaseException, expected: bool) -> str:
     """Write <stem>_error.json and return the one line to show."""
-    message = one_line(error) if isinstance(error, VideoError) else f"{video}: {type(error).__name__}: {one_line(error)}"
-    record = {"status": "failed", "video_name": video.name, "source_path": str(video), "error": message, "failed_at": now_iso()}
+    message = (
+        one_line(error)
+        if isinstance(error, VideoError)
+        else f"{video}: {type(error).__name__}: {one_line(error)}"
+    )
+    record = {
+        "status": "failed",
+        "video_name": video.name,
+        "source_path": str(video),
+        "error": message,
+        "failed_at": now_iso(),
+    }
     if not expected:  # a bug or an environment problem: keep the details for whoever debugs it
         record["traceback"] = redact("".join(traceback.format_exception(error)))
     with contextlib.suppress(OSError):
         paths["folder"].mkdir(parents=True, exist_ok=True)
         write_json(paths["error"], record)
     return message
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON object this script wrote, or {} when it is absent or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
+    """One video's entry in the summary, from what its folder under `output_dir` holds.
+
+    done: complete metadata and its MP4 (`is_complete`); failed: an error record; missing: neither
+    (not started, in progress, interrupted, or no folder at all).
+    """
+    paths = output_paths(output_dir, Path(f"{stem}.mp4"))  # only the stem matters
+    metadata = read_record(paths["metadata"]) if is_complete(paths) else {}
+    failure = {} if metadata else read_record(paths["error"])
+    if metadata:
+        status = "done"
+    elif failure.get("status") == "failed":
+        status = "failed"
+    else:
+        status = "missing"
+    return {
+        "video": stem,
+        "status": status,
+        "frames_processed": metadata.get("frames_processed"),
+        "objects_detected": metadata.get("objects_detected"),
+        "objects_per_prompt": metadata.get("objects_per_prompt", {}),
+        "processing_seconds": metadata.get("processing_seconds"),
+        "error": failure.get("error") if status == "failed" else None,
+    }
+
+
+def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV text, one line per video.
+
+    Columns: video, status, frames_processed, objects_detected, then `objects:<prompt>` for each
+    prompt any video was run with (first seen first; empty where that video's run did not have
+    it), then processing_seconds, error. Empty cells where there is no value (a video not done).
+    """
+    prompts = dict.fromkeys(prompt for row in rows for prompt in row["objects_per_prompt"])
+    columns = ["video", "status", "frames_processed", "objects_detected"]
+    columns += [f"objects:{prompt}" for prompt in prompts] + ["processing_seconds", "error"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {**row, **{f"objects:{prompt}": n for prompt, n in row["objects_per_prompt"].items()}}
+        )
+    return text.getvalue()
+
+
+def print_summary(output_dir: Path, counts: dict[str, int], rows: Sequence[dict[str, Any]]) -> None:
+    """A short table on stdout: videos per status, then each failed video with its error."""
+    print(f"{len(rows)} videos in {output_dir} (summary.json, summary.csv)")
+    for status, count in counts.items():
+        print(f"  {status:<8} {count:>6}")
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"  failed: {row['video']}: {row['error']}")
+
+
+def summarize(output_dir: Path, inputs: Sequence[Path]) -> int:
+    """Write summary.json and summary.csv into `output_dir` and print the counts.
+
+    Videos among `inputs` (files or folders, as for a run) that have no folder count as missing.
+    A report: it exits 0 even when videos failed. Jobs may run it at the same time.
+    """
+    if not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: no such output folder to summarize")
+    videos = collect_videos(inputs)
+    try:
+        folders = {
+            path.name for path in output_dir.iterdir() if path.is_dir() and not path.name.startswith(".")
+        }
+        rows = [summary_row(output_dir, stem) for stem in sorted(folders | {video.stem for video in videos})]
+        counts = {
+            status: sum(row["status"] == status for row in rows) for status in ("done", "failed", "missing")
+        }
+        summary = {"generated_at": now_iso(), "output_dir": str(output_dir), "counts": counts, "videos": rows}
+        write_json(output_dir / "summary.json", summary)
+        write_text_atomically(output_dir / "summary.csv", summary_csv(rows))
+    except OSError as error:
+        raise UsageError(f"{output_dir}: cannot summarize: {one_line(error)}") from None
+    print_summary(output_dir, counts, rows)
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,26 +1199,41 @@ def run(args: argparse.Namespace) -> int:
     videos = collect_videos(args.inputs)
     videos = select_shard(videos, args.shard_index, args.num_shards)
     if args.num_shards > 1:
-        log(f"shard {args.shard_index}/{args.num_shards}: {len(videos)} videos")
+        log(
+            f"shard {args.shard_index}/{args.num_shards}: {len(videos)} videos: {', '.join(v.name for v in videos)}"
+        )
     if not videos:
         log("nothing to do: this shard has no videos")
         return EXIT_OK
     check_output_dir(args.output_dir)
-    todo = [video for video in videos if args.overwrite or not is_complete(output_paths(args.output_dir, video))]
+    todo = [
+        video for video in videos if args.overwrite or not is_complete(output_paths(args.output_dir, video))
+    ]
     for video in videos:
         if video not in todo:
-            log(f"skip {video}: complete in {output_paths(args.output_dir, video)['folder']} (--overwrite to redo)")
+            log(
+                f"skip {video}: complete in {output_paths(args.output_dir, video)['folder']} (--overwrite to redo)"
+            )
     failures: list[str] = []
     for video in [video for video in todo if not video.is_file()]:  # fail these before the slow model load
         todo.remove(video)
-        failures.append(record_failure(video, output_paths(args.output_dir, video), VideoError(f"{video}: no such file"), expected=True))
+        failures.append(
+            record_failure(
+                video,
+                output_paths(args.output_dir, video),
+                VideoError(f"{video}: no such file"),
+                expected=True,
+            )
+        )
         log(f"FAILED {failures[-1]}")
     if not todo:
         return EXIT_FAILED if failures else EXIT_OK
 
     segmenter = load_segmenter(args.model, args.device)
     check_prompts(segmenter.processor, args.prompts)
-    log(f"model {args.model} on {segmenter.device} ({str(segmenter.dtype).removeprefix('torch.')}), prompts {args.prompts}")
+    log(
+        f"model {args.model} on {segmenter.device} ({str(segmenter.dtype).removeprefix('torch.')}), prompts {args.prompts}"
+    )
 
     for number, video in enumerate(tqdm(todo, unit="video", desc="videos", dynamic_ncols=True), start=1):
         paths = output_paths(args.output_dir, video)
@@ -875,6 +1262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        if args.summarize is not None:
+            return summarize(args.summarize, args.inputs)
         return run(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -42,8 +42,23 @@ def peak_rss_mb() -> float:
 def run_ours(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
     import process_segmentation as ps
 
-    code = ps.main([str(clip), "--output-dir", str(workdir), "--model", str(model_dir), "--device", "cpu",
-                    "--sample-fps", "0", "--max-frames", str(frames), "--prompts", *PROMPTS])
+    code = ps.main(
+        [
+            str(clip),
+            "--output-dir",
+            str(workdir),
+            "--model",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--sample-fps",
+            "0",
+            "--max-frames",
+            str(frames),
+            "--prompts",
+            *PROMPTS,
+        ]
+    )
     if code != 0:
         raise SystemExit(f"process_segmentation.py exited {code}")
     metadata = json.loads((workdir / clip.stem / f"{clip.stem}_metadata.json").read_text())
@@ -71,12 +86,19 @@ def run_naive(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
         images.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
     capture.release()
 
-    session = processor.init_video_session(video=images, inference_device="cpu", processing_device="cpu",
-                                           video_storage_device="cpu", dtype=torch.float32)
+    session = processor.init_video_session(
+        video=images,
+        inference_device="cpu",
+        processing_device="cpu",
+        video_storage_device="cpu",
+        dtype=torch.float32,
+    )
     processor.add_text_prompt(inference_session=session, text=PROMPTS)
     masks_by_frame: dict[int, dict[int, np.ndarray]] = {}
     with torch.no_grad():
-        for output in model.propagate_in_video_iterator(inference_session=session, max_frame_num_to_track=len(images)):
+        for output in model.propagate_in_video_iterator(
+            inference_session=session, max_frame_num_to_track=len(images)
+        ):
             result = processor.postprocess_outputs(session, output)
             masks_by_frame[output.frame_idx] = {
                 int(obj_id): (result["masks"][i].float().cpu().numpy() > 0).astype(np.float32)
@@ -91,7 +113,9 @@ def run_naive(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
             blended = blended * (1 - 0.5 * mask[..., None]) + color * (0.5 * mask[..., None])
         drawn.append(Image.fromarray((blended * 255).clip(0, 255).astype(np.uint8)))
     height, width = np.array(drawn[0]).shape[:2]
-    writer = cv2.VideoWriter(str(workdir / "naive.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(
+        str(workdir / "naive.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+    )
     for image in drawn:
         writer.write(cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR))
     writer.release()
@@ -111,9 +135,21 @@ def worker(approach: str, clip: Path, model_dir: Path, frames: int) -> None:
 
 
 def measure(approach: str, clip: Path, model_dir: Path, frames: int) -> dict:
-    command = [sys.executable, __file__, "--worker", approach, "--clip", str(clip), "--model-dir", str(model_dir),
-               "--frames", str(frames)]
-    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        approach,
+        "--clip",
+        str(clip),
+        "--model-dir",
+        str(model_dir),
+        "--frames",
+        str(frames),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if completed.returncode != 0:
         raise SystemExit(f"{approach} with {frames} frames failed:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -125,8 +161,14 @@ def naive_estimate_gb(frames: int, width: int, height: int, objects: int) -> flo
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, CPU only, 1 torch thread"
 
@@ -147,11 +189,16 @@ def table(rows: list[dict], size: tuple[int, int], objects: int) -> str:
             naive_fps = f"{naive['frames_per_second']:.2f}"
             speedup = f"{ours['frames_per_second'] / naive['frames_per_second']:.1f}x"
             naive_rss = f"{naive['peak_rss_mb']:,} MB"
-        lines.append(f"| {row['frames']} | {ours['frames_per_second']:.2f} | {naive_fps} | {speedup} "
-                     f"| {ours['peak_rss_mb']:,} MB | {naive_rss} |")
+        lines.append(
+            f"| {row['frames']} | {ours['frames_per_second']:.2f} | {naive_fps} | {speedup} "
+            f"| {ours['peak_rss_mb']:,} MB | {naive_rss} |"
+        )
     first, last = rows[0]["ours"], rows[-1]["ours"]
-    lines += ["", f"Ours: peak RSS at {rows[-1]['frames']} frames is {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}x "
-              f"that at {rows[0]['frames']} frames."]
+    lines += [
+        "",
+        f"Ours: peak RSS at {rows[-1]['frames']} frames is {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}x "
+        f"that at {rows[0]['frames']} frames.",
+    ]
     return "\n".join(lines)
 
 
@@ -163,11 +210,17 @@ def write_readme(readme: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, nargs="+", default=[60, 600], help="sampled frame counts to measure")
+    parser.add_argument(
+        "--frames", type=int, nargs="+", default=[60, 600], help="sampled frame counts to measure"
+    )
     parser.add_argument("--size", default="1280x720", help="clip size WIDTHxHEIGHT")
     parser.add_argument("--objects-per-prompt", type=int, default=10, help="objects per prompt (2 prompts)")
-    parser.add_argument("--small", action="store_true", help="smoke run: 3 and 6 frames at 320x180, 2 objects per prompt")
-    parser.add_argument("--readme", type=Path, help="write the table between the benchmark markers of this file")
+    parser.add_argument(
+        "--small", action="store_true", help="smoke run: 3 and 6 frames at 320x180, 2 objects per prompt"
+    )
+    parser.add_argument(
+        "--readme", type=Path, help="write the table between the benchmark markers of this file"
+    )
     parser.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--clip", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -184,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     from conftest import write_test_video
 
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = make_tiny_sam3.save_tiny_sam3(Path(scratch) / "model", len(PROMPTS), args.objects_per_prompt)
-        clip = write_test_video(Path(scratch) / "clip.mp4", seconds=max(args.frames) / 10, fps=10, size=(width, height))
+        model_dir = make_tiny_sam3.save_tiny_sam3(
+            Path(scratch) / "model", len(PROMPTS), args.objects_per_prompt
+        )
+        clip = write_test_video(
+            Path(scratch) / "clip.mp4", seconds=max(args.frames) / 10, fps=10, size=(width, height)
+        )
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         rows = []
         for frames in sorted(args.frames):

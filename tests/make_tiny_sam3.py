@@ -76,7 +76,12 @@ def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1) -> Sam3VideoC
         },
         "geometry_encoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "roi_size": 1, **attention},
         "detr_encoder_config": {"hidden_size": HIDDEN, "num_layers": 1, **attention},
-        "detr_decoder_config": {"hidden_size": HIDDEN, "num_layers": 1, "num_queries": objects_per_prompt, **attention},
+        "detr_decoder_config": {
+            "hidden_size": HIDDEN,
+            "num_layers": 1,
+            "num_queries": objects_per_prompt,
+            **attention,
+        },
         "mask_decoder_config": {"hidden_size": HIDDEN, "num_upsampling_stages": 3, "num_attention_heads": 2},
     }
     tracker = {
@@ -154,8 +159,12 @@ def save_tiny_sam3(directory: Path, num_prompts: int = 2, objects_per_prompt: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="where to save the model directory")
-    parser.add_argument("--num-prompts", type=int, default=2, help="prompts the model will be given (default 2)")
-    parser.add_argument("--objects-per-prompt", type=int, default=1, help="objects each prompt yields per frame (default 1)")
+    parser.add_argument(
+        "--num-prompts", type=int, default=2, help="prompts the model will be given (default 2)"
+    )
+    parser.add_argument(
+        "--objects-per-prompt", type=int, default=1, help="objects each prompt yields per frame (default 1)"
+    )
     args = parser.parse_args(argv)
     print(save_tiny_sam3(args.directory, args.num_prompts, args.objects_per_prompt))
     return 0

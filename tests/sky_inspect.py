@@ -46,7 +46,11 @@ def inspect(case: dict[str, Any]) -> dict[str, Any]:
             for path, storage in (task.storage_mounts or {}).items()
         },
         "resources": [
-            {"accelerators": resources.accelerators, "job_recovery": resources.job_recovery, "use_spot": resources.use_spot}
+            {
+                "accelerators": resources.accelerators,
+                "job_recovery": resources.job_recovery,
+                "use_spot": resources.use_spot,
+            }
             for resources in task.resources
         ],
         "is_pool": bool(task.service is not None and task.service.pool),

@@ -36,9 +36,10 @@ with zipfile.ZipFile(os.path.join(args[args.index("-p") + 1], dataset.split("/")
     for name, data in FILES.items():
         archive.writestr(name, data)
 """
-# python: the real interpreter, except that with KILL_DURING=unzip `-m zipfile -e` extracts one
-# member and then kills the whole setup (its process group), as a preemption would; and that the
-# weights download (`-c` with snapshot_download) is only logged.
+# python: the real interpreter, except that the weights download (`-c` with snapshot_download)
+# is only logged, and that it kills the whole setup (its process group), as a preemption would,
+# with KILL_DURING=unzip after `-m zipfile -e` has extracted one member, and with
+# KILL_DURING=copy after the copy into the bucket has written half of its first file.
 PYTHON = """\
 import os, signal, sys, zipfile
 args = sys.argv[1:]
@@ -50,19 +51,15 @@ if args[:3] == ["-m", "zipfile", "-e"] and os.environ.get("KILL_DURING") == "unz
     with zipfile.ZipFile(args[3]) as archive:
         archive.extract(archive.namelist()[0], args[4])
     os.killpg(0, signal.SIGKILL)
+if args[:1] == ["-c"] and "copytree" in args[1] and os.environ.get("KILL_DURING") == "copy":
+    source, destination = args[-2:]
+    first = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs)[0]
+    target = os.path.join(destination, os.path.relpath(first, source))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    data = open(first, "rb").read()
+    open(target, "wb").write(data[: len(data) // 2])
+    os.killpg(0, signal.SIGKILL)
 os.execv(sys.executable, [sys.executable, *args])
-"""
-# cp (only installed for KILL_DURING=copy): writes half of the first file into the bucket, then
-# kills the setup, leaving a truncated file where the dataset goes.
-CP = """\
-import os, signal, sys
-source, destination = sys.argv[-2], sys.argv[-1]
-first = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs)[0]
-target = os.path.join(destination, os.path.relpath(first, source))
-os.makedirs(os.path.dirname(target), exist_ok=True)
-data = open(first, "rb").read()
-open(target, "wb").write(data[: len(data) // 2])
-os.killpg(0, signal.SIGKILL)
 """
 
 # uv: `venv` makes a venv whose activate puts the stand-ins first on PATH; `pip install` is logged.
@@ -112,15 +109,10 @@ class Bench:
         self.log = root / "stand-in-calls.txt"
         (root / "dataset-step.sh").write_text(dataset_step())
         (root / "setup.sh").write_text(pool_setup())
-        self.tools = {}
-        for kind in ("normal", "copy"):
-            bin_dir = root / f"bin-{kind}"
-            bin_dir.mkdir()
-            write_tool(bin_dir / "kaggle", KAGGLE)
-            write_tool(bin_dir / "python", PYTHON)
-            if kind == "copy":
-                write_tool(bin_dir / "cp", CP)
-            self.tools[kind] = bin_dir
+        self.tools = root / "bin"
+        self.tools.mkdir()
+        write_tool(self.tools / "kaggle", KAGGLE)
+        write_tool(self.tools / "python", PYTHON)
         self.home = root / "home"  # SkyPilot installs uv in ~/.local/bin
         (self.home / ".local" / "bin").mkdir(parents=True)
         write_tool(self.home / ".local" / "bin" / "uv", UV)
@@ -130,7 +122,7 @@ class Bench:
     def start(self, node: str = "node-a", script: str = "dataset-step.sh", **env: str) -> subprocess.Popen:
         tmpdir = self.root / node
         tmpdir.mkdir(exist_ok=True)
-        bin_dir = self.tools["copy" if env.get("KILL_DURING") == "copy" else "normal"]
+        bin_dir = self.tools
         path = os.environ["PATH"] if script == "setup.sh" else f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
         full_env = {
             **os.environ,
@@ -144,8 +136,13 @@ class Bench:
         }
         # A session of its own, so that a stand-in can kill the whole step and nothing else.
         return subprocess.Popen(
-            ["bash", str(self.root / script)], env=full_env, cwd=self.workdir, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ["bash", str(self.root / script)],
+            env=full_env,
+            cwd=self.workdir,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def run(self, node: str = "node-a", script: str = "dataset-step.sh", **env: str) -> tuple[int, str]:
@@ -158,14 +155,26 @@ class Bench:
 
     def steps(self) -> list[str]:
         """What the stand-ins were asked to do, in order: venv, pip, download, weights."""
-        labels = {"uv venv ": "venv", "uv pip install ": "pip", "datasets download ": "download", "weights ": "weights"}
-        return [next(label for prefix, label in labels.items() if call.startswith(prefix)) for call in self.calls()]
+        labels = {
+            "uv venv ": "venv",
+            "uv pip install ": "pip",
+            "datasets download ": "download",
+            "weights ": "weights",
+        }
+        return [
+            next(label for prefix, label in labels.items() if call.startswith(prefix))
+            for call in self.calls()
+        ]
 
     def downloads(self) -> list[str]:
         return [call for call in self.calls() if call.startswith("datasets download")]
 
     def dataset_files(self) -> dict[str, bytes]:
-        return {p.relative_to(self.dataset).as_posix(): p.read_bytes() for p in self.dataset.rglob("*") if p.is_file()}
+        return {
+            p.relative_to(self.dataset).as_posix(): p.read_bytes()
+            for p in self.dataset.rglob("*")
+            if p.is_file()
+        }
 
     def assert_complete(self) -> None:
         assert self.dataset_files() == FILES
@@ -249,7 +258,6 @@ def test_dataset_setup_download_failure_fails_setup(bench):
     assert "401" in output
     assert not bench.marker.exists()
     assert not bench.dataset.exists()
-
 
 
 def test_setup_rerun_reuses_venv_and_dataset(bench):

@@ -48,15 +48,22 @@ def venv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_block(tmp_path: Path, tiny_model_dir: Path, venv_dir: Path):
     """run_block(yaml_name, output_dir, rank=None, num_jobs=None, **envs) -> (exit status, output)."""
 
-    def run(yaml_name: str, output_dir: Path, rank: int | None = None, num_jobs: int | None = None, **envs: str):
+    def run(
+        yaml_name: str, output_dir: Path, rank: int | None = None, num_jobs: int | None = None, **envs: str
+    ):
         task = yaml_task(yaml_name)
         script = tmp_path / f"{Path(yaml_name).stem}-run.sh"
         script.write_text(task["run"])
         env = {key: value for key, value in os.environ.items() if not key.startswith("SKYPILOT_")}
         env.update({key: str(value) for key, value in task["envs"].items() if value is not None})
         env.update(
-            OUTPUT_DIR=str(output_dir), MODEL=str(tiny_model_dir), VENV_DIR=str(venv_dir),
-            HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PROMPTS=";".join(PROMPTS), **envs,
+            OUTPUT_DIR=str(output_dir),
+            MODEL=str(tiny_model_dir),
+            VENV_DIR=str(venv_dir),
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            PROMPTS=";".join(PROMPTS),
+            **envs,
         )
         if rank is not None:
             env.update(SKYPILOT_JOB_RANK=str(rank), SKYPILOT_NUM_JOBS=str(num_jobs))
@@ -80,13 +87,26 @@ def completed(output_dir: Path) -> dict[str, dict]:
     found = {}
     for path in sorted(output_dir.glob("*/*_metadata.json")):
         metadata = json.loads(path.read_text())
-        if metadata.get("status") == "complete" and (path.parent / f"{path.parent.name}_segmented.mp4").is_file():
+        if (
+            metadata.get("status") == "complete"
+            and (path.parent / f"{path.parent.name}_segmented.mp4").is_file()
+        ):
             found[path.parent.name] = metadata
     return found
 
 
+def summary_counts(output_dir: Path) -> dict[str, int]:
+    """The counts of the summary the run block refreshes at the end of every job."""
+    return json.loads((output_dir / "summary.json").read_text())["counts"]
+
+
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+    """Every file and folder with its mtime and size; the summary, which every job rewrites, left out."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.name not in ("summary.json", "summary.csv")
+    }
 
 
 @pytest.mark.parametrize(
@@ -108,9 +128,13 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
     for rank, (status, output) in enumerate(results):
         assert status == 0, f"rank {rank} of {num_jobs} failed:\n{output[-3000:]}"
 
-    shares = [completed(out) if out.exists() else {} for out in outputs]
+    shares = [completed(out) for out in outputs]
     names = [sorted(share) for share in shares]
-    assert sorted(sum(names, [])) == sorted(clips), f"every video exactly once; shares: {names}"
+    logs = "\n".join(f"--- rank {rank}:\n{output[-1500:]}" for rank, (_, output) in enumerate(results))
+    assert sorted(sum(names, [])) == sorted(clips), f"every video exactly once; shares: {names}\n{logs}"
+    # each rank's summary: its share done, the rest of the dataset missing
+    for share, out in zip(names, outputs, strict=True):
+        assert summary_counts(out) == {"done": len(share), "failed": 0, "missing": len(clips) - len(share)}
     for share in shares:
         for stem, metadata in share.items():
             assert metadata["source_path"] == str(videos / f"{stem}.mp4")
@@ -122,8 +146,10 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
     largest = max(range(num_jobs), key=lambda rank: seconds[rank])
     # Within one video of the ideal: without its last (shortest) video, the largest share is at most ideal.
     assert seconds[largest] - min(clips[stem] for stem in names[largest]) <= ideal, (seconds, ideal)
-    print(f"\n{num_jobs} jobs, {len(clips)} videos ({sum(clips.values())} s): videos per share "
-          f"{[len(share) for share in names]}, seconds per share {seconds}, ideal {ideal:.2f} s: {names}")
+    print(
+        f"\n{num_jobs} jobs, {len(clips)} videos ({sum(clips.values())} s): videos per share "
+        f"{[len(share) for share in names]}, seconds per share {seconds}, ideal {ideal:.2f} s: {names}"
+    )
 
     # A recovered job (same rank) finds its videos complete and does nothing.
     before = snapshot(outputs[largest])
@@ -139,10 +165,18 @@ def test_job_run_failed_video_fails_job(tmp_path, make_video, run_block):
     assert status == 1, output[-3000:]
     assert sorted(completed(tmp_path / "out")) == ["good"]
     assert (tmp_path / "out" / "broken" / "broken_error.json").is_file()
+    assert summary_counts(tmp_path / "out") == {"done": 1, "failed": 1, "missing": 0}  # written all the same
 
 
 def test_single_run_max_videos_subset(tmp_path, make_video, run_block):
     videos = make_clips(tmp_path / "videos", FEW_CLIPS, make_video)
-    status, output = run_block("sam3-test-single.yaml", tmp_path / "out", VIDEO_DIR=str(videos), MAX_VIDEOS="2")
+    status, output = run_block(
+        "sam3-test-single.yaml", tmp_path / "out", VIDEO_DIR=str(videos), MAX_VIDEOS="2"
+    )
     assert status == 0, output[-3000:]
     assert sorted(completed(tmp_path / "out")) == ["a1", "b1"]  # the first two by name
+    assert summary_counts(tmp_path / "out") == {
+        "done": 2,
+        "failed": 0,
+        "missing": 1,
+    }  # of the whole VIDEO_DIR

@@ -32,7 +32,16 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 def segment(inputs: list[Path], output_dir: Path, model_dir: Path, *extra: str) -> list[str]:
-    return [*map(str, inputs), "--output-dir", str(output_dir), "--model", str(model_dir), "--device", "cpu", *extra]
+    return [
+        *map(str, inputs),
+        "--output-dir",
+        str(output_dir),
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def decode(path: Path) -> tuple[av.video.stream.VideoStream, list[np.ndarray]]:
@@ -107,7 +116,9 @@ def detections_from_full_masks(object_ids, prompts, masks: np.ndarray) -> ps.Det
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         boxes.append([cols[0], rows[0], cols[-1], rows[-1]])
         crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    return ps.Detections(np.array(object_ids), list(prompts), np.full(len(masks), 0.9, np.float32), np.array(boxes), crops)
+    return ps.Detections(
+        np.array(object_ids), list(prompts), np.full(len(masks), 0.9, np.float32), np.array(boxes), crops
+    )
 
 
 def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
@@ -129,7 +140,9 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
     under_large = 0.5 * frame[125, 65] + 0.5 * np.array(ps.object_color(3))
     expected = 0.5 * under_large + 0.5 * np.array(ps.object_color(7))
     assert np.abs(out[125, 65].astype(float) - expected).max() <= 2
-    assert ps.object_color(3) != ps.object_color(7) and ps.object_color(3) == ps.object_color(3 + len(ps.PALETTE))
+    assert ps.object_color(3) != ps.object_color(7) and ps.object_color(3) == ps.object_color(
+        3 + len(ps.PALETTE)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +153,9 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
 @pytest.fixture(scope="module")
 def crowd_segmenter(tmp_path_factory) -> ps.Segmenter:
     """The tiny SAM3 tracking 20 objects (10 queries per prompt), as in the benchmark."""
-    directory = make_tiny_sam3.save_tiny_sam3(tmp_path_factory.mktemp("crowd"), num_prompts=2, objects_per_prompt=10)
+    directory = make_tiny_sam3.save_tiny_sam3(
+        tmp_path_factory.mktemp("crowd"), num_prompts=2, objects_per_prompt=10
+    )
     return ps.load_segmenter(str(directory), "cpu")
 
 
@@ -153,13 +168,17 @@ def test_masks_match_transformers_postprocess_outputs(crowd_segmenter, size):
     objects_compared = 0
     with torch.inference_mode():
         for frame_idx in range(4):
-            pixels = processor.video_processor(videos=[pitch_frame(frame_idx, width, height)], return_tensors="pt")
+            pixels = processor.video_processor(
+                videos=[pitch_frame(frame_idx, width, height)], return_tensors="pt"
+            )
             session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
             output = model(inference_session=session, frame_idx=frame_idx)
             reference = processor.postprocess_outputs(session, output, original_sizes=[[height, width]])
             ours = ps.detections_from_output(output, session, size)
 
-            expected = {int(i): m.numpy() for i, m in zip(reference["object_ids"], reference["masks"]) if m.any()}
+            expected = {
+                int(i): m.numpy() for i, m in zip(reference["object_ids"], reference["masks"]) if m.any()
+            }
             assert sorted(expected) == sorted(map(int, ours.object_ids))
             for index, obj_id in enumerate(map(int, ours.object_ids)):
                 mine = ours.full_mask(index, size)
@@ -167,7 +186,9 @@ def test_masks_match_transformers_postprocess_outputs(crowd_segmenter, size):
                 assert iou >= 0.98, (frame_idx, obj_id, iou)
                 x0, y0, x1, y1 = ours.boxes[index]
                 rows, cols = np.flatnonzero(mine.any(axis=1)), np.flatnonzero(mine.any(axis=0))
-                assert (x0, y0, x1, y1) == (cols[0], rows[0], cols[-1], rows[-1]), "box must be the mask's tight box"
+                assert (x0, y0, x1, y1) == (cols[0], rows[0], cols[-1], rows[-1]), (
+                    "box must be the mask's tight box"
+                )
                 objects_compared += 1
     assert objects_compared >= 8, "the tiny model should give several non-empty masks to compare"
 
@@ -179,7 +200,9 @@ def test_masks_match_transformers_postprocess_outputs(crowd_segmenter, size):
 
 @pytest.fixture(scope="module")
 def clip_720p(tmp_path_factory) -> Path:
-    return write_test_video(tmp_path_factory.mktemp("videos") / "match_720p.mp4", seconds=3.0, fps=25, size=(1280, 720))
+    return write_test_video(
+        tmp_path_factory.mktemp("videos") / "match_720p.mp4", seconds=3.0, fps=25, size=(1280, 720)
+    )
 
 
 def test_end_to_end_720p_writes_playable_h264_and_metadata(tmp_path, tiny_model_dir, clip_720p, capsys):
@@ -224,7 +247,9 @@ def test_end_to_end_720p_writes_playable_h264_and_metadata(tmp_path, tiny_model_
 
 def test_odd_sized_video_is_cropped_to_even_and_every_frame_kept(tmp_path, tiny_model_dir, capsys):
     # H.264 in yuv420p cannot have odd sizes; lossless FFV1 in Matroska can.
-    video = write_test_video(tmp_path / "odd.mkv", seconds=1.0, fps=10, size=(161, 97), codec="ffv1", pix_fmt="yuv444p")
+    video = write_test_video(
+        tmp_path / "odd.mkv", seconds=1.0, fps=10, size=(161, 97), codec="ffv1", pix_fmt="yuv444p"
+    )
     code, stderr = run_cli(segment([video], tmp_path / "out", tiny_model_dir, "--sample-fps", "0"), capsys)
     assert code == 0, stderr
     stream, frames = decode(tmp_path / "out" / "odd" / "odd_segmented.mp4")
@@ -247,7 +272,9 @@ def test_folder_and_files_share_one_model_load_and_rerun_skips(tmp_path, tiny_mo
     assert code == 0, stderr
     assert len(loads) == 1
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
-    assert stderr.index("1/3 - " + str(videos / "b.mp4")) < stderr.index("2/3 - " + str(videos / "half2" / "a.mov"))
+    assert stderr.index("1/3 - " + str(videos / "b.mp4")) < stderr.index(
+        "2/3 - " + str(videos / "half2" / "a.mov")
+    )
     outputs = sorted(out.glob("*/*_segmented.mp4")) + sorted(out.glob("*/*_metadata.json"))
     stamps = {path: path.stat().st_mtime_ns for path in outputs}
 
@@ -267,7 +294,9 @@ def test_chunked_run_keeps_ids_across_windows_and_every_frame(tmp_path, tiny_mod
     runs = {}
     for name, chunk in [("whole", "1000"), ("chunked", "8")]:
         out = tmp_path / name
-        code, stderr = run_cli(segment([video], out, tiny_model_dir, "--sample-fps", "0", "--chunk-frames", chunk), capsys)
+        code, stderr = run_cli(
+            segment([video], out, tiny_model_dir, "--sample-fps", "0", "--chunk-frames", chunk), capsys
+        )
         assert code == 0, stderr
         runs[name] = json.loads((out / "long" / "long_metadata.json").read_text())
         _, frames = decode(out / "long" / "long_segmented.mp4")
@@ -283,7 +312,9 @@ def test_chunked_run_keeps_ids_across_windows_and_every_frame(tmp_path, tiny_mod
     assert chunked["objects_detected"] == 2
     for obj in chunked["objects"]:
         assert (obj["first_frame"], obj["last_frame"], obj["frames_present"]) == (0, 19, 20), obj
-    assert {o["id"]: o["prompt"] for o in chunked["objects"]} == {o["id"]: o["prompt"] for o in whole["objects"]}
+    assert {o["id"]: o["prompt"] for o in chunked["objects"]} == {
+        o["id"]: o["prompt"] for o in whole["objects"]
+    }
 
 
 def test_match_objects_pairs_by_mask_overlap_within_a_prompt():
@@ -295,8 +326,9 @@ def test_match_objects_pairs_by_mask_overlap_within_a_prompt():
     previous = detections_from_full_masks([4, 9, 11], ["player", "player", "ball"], masks)
     moved = masks.copy()
     moved[0] = np.roll(masks[0], 2, axis=1)
-    current = detections_from_full_masks([0, 1, 2, 3], ["player", "ball", "player", "ball"],
-                                         np.stack([moved[1], moved[2], moved[0], masks[0]]))
+    current = detections_from_full_masks(
+        [0, 1, 2, 3], ["player", "ball", "player", "ball"], np.stack([moved[1], moved[2], moved[0], masks[0]])
+    )
     # local 3 ("ball") overlaps the first player perfectly but has another prompt: no match
     assert ps.match_objects(previous, current) == {0: 9, 1: 11, 2: 4}
 
@@ -319,7 +351,10 @@ def write_audio_only(path: Path) -> Path:
 def write_no_frames(path: Path) -> Path:
     """A faststart MP4 cut right after its header: a video stream, but no frame to decode."""
     write_test_video(path.with_suffix(".full.mp4"), seconds=1.0)
-    with av.open(str(path.with_suffix(".full.mp4"))) as source, av.open(str(path), "w", options={"movflags": "+faststart"}) as target:
+    with (
+        av.open(str(path.with_suffix(".full.mp4"))) as source,
+        av.open(str(path), "w", options={"movflags": "+faststart"}) as target,
+    ):
         out_stream = target.add_stream_from_template(source.streams.video[0])
         for packet in source.demux(source.streams.video[0]):
             if packet.dts is not None:
@@ -341,7 +376,9 @@ def write_no_frames(path: Path) -> Path:
     ],
     ids=["missing", "not-a-video", "audio-only", "no-frames"],
 )
-def test_bad_video_fails_alone_with_one_line_and_error_record(tmp_path, tiny_model_dir, capsys, make_bad, problem):
+def test_bad_video_fails_alone_with_one_line_and_error_record(
+    tmp_path, tiny_model_dir, capsys, make_bad, problem
+):
     inputs = tmp_path / "in"
     inputs.mkdir()
     good = write_test_video(inputs / "good.mp4", seconds=1.0)
@@ -368,13 +405,22 @@ def test_error_record_is_cleared_when_the_video_later_succeeds(tmp_path, tiny_mo
     write_test_video(video, seconds=1.0)
     code, _ = run_cli(segment([video], tmp_path / "out", tiny_model_dir), capsys)
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "later").iterdir()) == ["later_metadata.json", "later_segmented.mp4"]
+    assert sorted(p.name for p in (tmp_path / "out" / "later").iterdir()) == [
+        "later_metadata.json",
+        "later_mot.txt",
+        "later_preview.jpg",
+        "later_segmented.mp4",
+        "later_tracks.jsonl",
+    ]
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--prompts", "a player wearing a bright red shirt and white socks"], "tokens; SAM3's text encoder takes at most 32"),
+        (
+            ["--prompts", "a player wearing a bright red shirt and white socks"],
+            "tokens; SAM3's text encoder takes at most 32",
+        ),
         (["--output-dir", "{file}/results"], "output folder is not writable"),
         (["--sample-fps", "fast"], "invalid float value: 'fast'"),
         (["--max-frames", "-1"], "--max-frames must be 0 or more"),
@@ -383,15 +429,32 @@ def test_error_record_is_cleared_when_the_video_later_succeeds(tmp_path, tiny_mo
         (["--prompts", "ball", "ball"], "--prompts has duplicates"),
         (["--model", "{dir}/no-such-model"], "no-such-model: no such directory"),
     ],
-    ids=["prompt-too-long", "unwritable-output", "sample-fps-text", "negative-max-frames", "shard-out-of-range",
-         "unknown-device", "duplicate-prompts", "missing-model-dir"],
+    ids=[
+        "prompt-too-long",
+        "unwritable-output",
+        "sample-fps-text",
+        "negative-max-frames",
+        "shard-out-of-range",
+        "unknown-device",
+        "duplicate-prompts",
+        "missing-model-dir",
+    ],
 )
 def test_usage_error_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, extra, message):
     video = write_test_video(tmp_path / "clip.mp4", seconds=1.0)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     extra = [arg.format(file=blocker, dir=tmp_path) for arg in extra]
-    args = [str(video), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--device", "cpu", *extra]
+    args = [
+        str(video),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     code, stderr = run_cli(args, capsys)
 
     assert code == 2
@@ -404,7 +467,9 @@ def test_usage_error_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, ext
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
 def test_device_cuda_without_gpu_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
     video = write_test_video(tmp_path / "clip.mp4", seconds=1.0)
-    code, stderr = run_cli([video, "--output-dir", tmp_path, "--model", tiny_model_dir, "--device", "cuda"], capsys)
+    code, stderr = run_cli(
+        [video, "--output-dir", tmp_path, "--model", tiny_model_dir, "--device", "cuda"], capsys
+    )
     assert code == 2 and "error: --device cuda: no CUDA GPU is visible to PyTorch" in stderr
 
 
@@ -428,8 +493,14 @@ def test_interrupted_run_leaves_no_file_that_looks_complete(tmp_path, tiny_model
     out = tmp_path / "out"
     env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "process_segmentation.py"), *segment([video], out, tiny_model_dir, "--sample-fps", "0")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(REPO / "process_segmentation.py"),
+            *segment([video], out, tiny_model_dir, "--sample-fps", "0"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         # Each progress update wakes this loop, until the encoder has written part of the video.
@@ -443,6 +514,7 @@ def test_interrupted_run_leaves_no_file_that_looks_complete(tmp_path, tiny_model
         process.stderr.close()
 
     names = [p.name for p in out.rglob("*") if p.is_file()]
-    assert not [name for name in names if name.endswith(("_segmented.mp4", "_metadata.json"))], names
+    finished_looking = ("_segmented.mp4", "_tracks.jsonl", "_mot.txt", "_preview.jpg", "_metadata.json")
+    assert not [name for name in names if name.endswith(finished_looking)], names
     code, stderr = run_cli(segment([video], out, tiny_model_dir, "--max-frames", "5"), capsys)
     assert code == 0 and "skip" not in stderr, "an interrupted video must be redone, not skipped"

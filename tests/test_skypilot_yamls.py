@@ -26,7 +26,11 @@ CASES: dict[str, dict[str, Any]] = {
     "pool_without_bucket": {"yaml": "sam3-pool.yaml", "secret": {"HF_TOKEN": TOKEN}},
     "pool_without_secret": {"yaml": "sam3-pool.yaml", "env": {"OUTPUT_BUCKET_NAME": BUCKET}},
     "job": {"yaml": "sam3-job.yaml", "secret": {"HF_TOKEN": TOKEN}},
-    "single": {"yaml": "sam3-test-single.yaml", "env": {"OUTPUT_BUCKET_NAME": BUCKET}, "secret": {"HF_TOKEN": TOKEN}},
+    "single": {
+        "yaml": "sam3-test-single.yaml",
+        "env": {"OUTPUT_BUCKET_NAME": BUCKET},
+        "secret": {"HF_TOKEN": TOKEN},
+    },
     "single_without_bucket": {"yaml": "sam3-test-single.yaml", "secret": {"HF_TOKEN": TOKEN}},
 }
 
@@ -53,12 +57,21 @@ def facts(sky_home: Path) -> dict[str, dict[str, Any]]:
             f"SkyPilot interpreter not found: {python}. These tests need `skypilot` (PyPI) in a separate venv: "
             "python -m venv .venv-sky && .venv-sky/bin/pip install skypilot, or set SKYPILOT_PYTHON."
         )
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
     env.update(HOME=str(sky_home), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
     cases = [{**case, "yaml": str(REPO / case["yaml"])} for case in CASES.values()]
     result = subprocess.run(
         [str(python), str(REPO / "tests" / "sky_inspect.py")],
-        input=json.dumps(cases), capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, f"sky_inspect.py failed:\n{result.stderr[-4000:]}"
     return dict(zip(CASES, json.loads(result.stdout)))
