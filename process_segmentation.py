@@ -249,7 +249,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--summarize",
         type=Path,
         metavar="DIR",
-        help="only write DIR/summary.json and DIR/summary.csv (done / failed / missing per video); INPUTs, if given, are the videos expected in DIR",
+        help="process nothing; write DIR/summary.json and DIR/summary.csv (done / failed / missing per video). "
+        "INPUTs, if given, are the videos expected in DIR",
     )
     args = parser.parse_args(argv)
     if not args.inputs and args.summarize is None:
