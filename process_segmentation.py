@@ -754,13 +754,18 @@ class H264Writer:
             self.container.close()
 
 
+def partial_path(path: Path) -> Path:
+    """A hidden temporary name beside `path`, unique to this writer (pid and a random suffix)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.partial")
+
+
 def publish(local_file: Path, destination: Path) -> None:
     """Move a finished file into place so that readers never see it half-written.
 
     The destination may be a FUSE-mounted bucket: copy under a hidden temporary name first, then
     rename, which such mounts do support.
     """
-    partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+    partial = partial_path(destination)
     try:
         shutil.move(local_file, partial)
         os.replace(partial, destination)
@@ -771,10 +776,10 @@ def publish(local_file: Path, destination: Path) -> None:
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace `path` whole, even while other processes or threads write it too.
 
-    Each writer uses its own temporary file in the same folder (pid and a random suffix in the
-    name), then renames it over `path`: readers see one complete version, the last rename wins.
+    Each writer uses its own temporary file in the same folder (`partial_path`), then renames it
+    over `path`: readers see one complete version, the last rename wins.
     """
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.partial")
+    partial = partial_path(path)
     try:
         partial.write_text(text)
         os.replace(partial, path)
@@ -922,25 +927,33 @@ class PreviewSheet:
         path.write_bytes(jpeg.tobytes())
 
 
-def output_paths(output_dir: Path, video: Path) -> dict[str, Path]:
-    folder = output_dir / video.stem
+def output_paths(output_dir: Path, stem: str) -> dict[str, Path]:
+    """Where the results of the video named `stem` go."""
+    folder = output_dir / stem
     return {
         "folder": folder,
-        "video": folder / f"{video.stem}_segmented.mp4",
-        "tracks": folder / f"{video.stem}_tracks.jsonl",
-        "mot": folder / f"{video.stem}_mot.txt",
-        "preview": folder / f"{video.stem}_preview.jpg",
-        "metadata": folder / f"{video.stem}_metadata.json",
-        "error": folder / f"{video.stem}_error.json",
+        "video": folder / f"{stem}_segmented.mp4",
+        "tracks": folder / f"{stem}_tracks.jsonl",
+        "mot": folder / f"{stem}_mot.txt",
+        "preview": folder / f"{stem}_preview.jpg",
+        "metadata": folder / f"{stem}_metadata.json",
+        "error": folder / f"{stem}_error.json",
     }
 
 
-def is_complete(paths: dict[str, Path]) -> bool:
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON object this script wrote, or {} when it is absent or unreadable."""
     try:
-        metadata = json.loads(paths["metadata"].read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return metadata.get("status") == "complete" and paths["video"].is_file()
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def completed_metadata(paths: dict[str, Path]) -> dict[str, Any]:
+    """The video's metadata if it says complete and its MP4 is there, else {}."""
+    metadata = read_record(paths["metadata"])
+    return metadata if metadata.get("status") == "complete" and paths["video"].is_file() else {}
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -1073,7 +1086,7 @@ def process_video(
     }
 
 
-def record_failure(video: Path, paths: dict[str, Path], error: BaseException, expected: bool) -> str:
+def record_failure(video: Path, paths: dict[str, Path], error: BaseException) -> str:
     """Write <stem>_error.json and return the one line to show."""
     message = (
         one_line(error)
@@ -1087,7 +1100,7 @@ def record_failure(video: Path, paths: dict[str, Path], error: BaseException, ex
         "error": message,
         "failed_at": now_iso(),
     }
-    if not expected:  # a bug or an environment problem: keep the details for whoever debugs it
+    if not isinstance(error, VideoError):  # a bug or an environment problem: keep the details
         record["traceback"] = redact("".join(traceback.format_exception(error)))
     with contextlib.suppress(OSError):
         paths["folder"].mkdir(parents=True, exist_ok=True)
@@ -1100,23 +1113,14 @@ def record_failure(video: Path, paths: dict[str, Path], error: BaseException, ex
 # ---------------------------------------------------------------------------------------------
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A JSON object this script wrote, or {} when it is absent or unreadable."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
     """One video's entry in the summary, from what its folder under `output_dir` holds.
 
-    done: complete metadata and its MP4 (`is_complete`); failed: an error record; missing: neither
-    (not started, in progress, interrupted, or no folder at all).
+    done: complete metadata and its MP4 (`completed_metadata`); failed: an error record;
+    missing: neither (not started, in progress, interrupted, or no folder at all).
     """
-    paths = output_paths(output_dir, Path(f"{stem}.mp4"))  # only the stem matters
-    metadata = read_record(paths["metadata"]) if is_complete(paths) else {}
+    paths = output_paths(output_dir, stem)
+    metadata = completed_metadata(paths)
     failure = {} if metadata else read_record(paths["error"])
     if metadata:
         status = "done"
@@ -1207,25 +1211,15 @@ def run(args: argparse.Namespace) -> int:
         log("nothing to do: this shard has no videos")
         return EXIT_OK
     check_output_dir(args.output_dir)
-    todo = [
-        video for video in videos if args.overwrite or not is_complete(output_paths(args.output_dir, video))
-    ]
+    paths_of = {video: output_paths(args.output_dir, video.stem) for video in videos}
+    todo = [video for video in videos if args.overwrite or not completed_metadata(paths_of[video])]
     for video in videos:
         if video not in todo:
-            log(
-                f"skip {video}: complete in {output_paths(args.output_dir, video)['folder']} (--overwrite to redo)"
-            )
+            log(f"skip {video}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
     failures: list[str] = []
     for video in [video for video in todo if not video.is_file()]:  # fail these before the slow model load
         todo.remove(video)
-        failures.append(
-            record_failure(
-                video,
-                output_paths(args.output_dir, video),
-                VideoError(f"{video}: no such file"),
-                expected=True,
-            )
-        )
+        failures.append(record_failure(video, paths_of[video], VideoError(f"{video}: no such file")))
         log(f"FAILED {failures[-1]}")
     if not todo:
         return EXIT_FAILED if failures else EXIT_OK
@@ -1237,12 +1231,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     for number, video in enumerate(tqdm(todo, unit="video", desc="videos", dynamic_ncols=True), start=1):
-        paths = output_paths(args.output_dir, video)
+        paths = paths_of[video]
         log(f"{number}/{len(todo)} - {video}")
         try:
             metadata = process_video(video, paths, segmenter, args)
         except Exception as error:  # one bad video never stops the others
-            failures.append(record_failure(video, paths, error, expected=isinstance(error, VideoError)))
+            failures.append(record_failure(video, paths, error))
             log(f"FAILED {failures[-1]}")
             continue
         write_json(paths["metadata"], metadata)
