@@ -12,7 +12,7 @@ Usage:
   python process_segmentation.py match.mp4
   python process_segmentation.py videos/ other.mov --prompts "soccer player" ball --sample-fps 2
   python process_segmentation.py /data/videos --shard-index 3 --num-shards 10   # this job's share
-  python process_segmentation.py --summarize OUTPUT_DIR [videos/]               # done / failed / missing
+  python process_segmentation.py --summarize OUTPUT_DIR [videos/]               # done / partial / failed / missing
 
 Frames are decoded, tracked, drawn and encoded one at a time, and the model is loaded once per run.
 Exit status: 0 when every video is complete, 1 when any video failed, 2 on a usage error.
@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ MASK_ALPHA = 0.5
 # Frames per SAM3 session. Memory grows ~linearly within a session (frames + per-object memory);
 # 100 sampled frames with ~25 objects stays well inside an L40S's 48 GB (see README).
 DEFAULT_CHUNK_FRAMES = 100
+IDENTITY_TRANSFORM = (1, 0, 0, 1)  # display matrix signs (a, b, c, d) of an upright frame
 MATCH_IOU = 0.3  # least mask IoU, on the frame two windows share, to keep an object's ID
 PREVIEW_GRID = (3, 2)  # columns, rows of the contact sheet
 PREVIEW_TILE_WIDTH = 480
@@ -89,6 +91,10 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The oldest NVIDIA driver each CUDA major version of PyTorch runs on (CUDA 12 through
+# minor-version compatibility).
+MIN_DRIVER_FOR_CUDA = {13: 580, 12: 525, 11: 450}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -150,6 +156,7 @@ class Segmenter:
     model_name: str
     device: torch.device
     dtype: torch.dtype
+    postprocessing: str  # whose NMS and hole filling SAM3 runs with: "kernels" or "local"
 
 
 @dataclasses.dataclass
@@ -230,7 +237,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model ID or local directory")
     parser.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto = cuda when available"
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto = cuda when available, else cpu with a warning; cuda = fail at once without a usable GPU",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="model precision; auto = bfloat16 on GPUs that support it, else float32",
+    )
+    parser.add_argument(
+        "--check-device",
+        action="store_true",
+        help="process nothing; print the device and precision a run would use, or why it cannot (exit 2)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="redo videos whose results are already complete"
@@ -249,12 +270,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--summarize",
         type=Path,
         metavar="DIR",
-        help="process nothing; write DIR/summary.json and DIR/summary.csv (done / failed / missing per video). "
+        help="process nothing; write DIR/summary.json and DIR/summary.csv (done / partial / failed / missing per video). "
         "INPUTs, if given, are the videos expected in DIR",
     )
     args = parser.parse_args(argv)
-    if not args.inputs and args.summarize is None:
-        parser.error("the following arguments are required: inputs (or --summarize DIR)")
+    if not args.inputs and args.summarize is None and not args.check_device:
+        parser.error("the following arguments are required: inputs (or --summarize DIR, or --check-device)")
     if args.max_frames < 0:
         parser.error(f"--max-frames must be 0 or more, got {args.max_frames}")
     if args.chunk_frames < 2:
@@ -340,21 +361,151 @@ def select_shard(videos: Sequence[Path], shard_index: int, num_shards: int) -> l
 # ---------------------------------------------------------------------------------------------
 
 
-def choose_device(requested: str) -> tuple[torch.device, torch.dtype]:
-    """CUDA when asked or available, with bfloat16 where the GPU supports it; float32 on CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu"), torch.float32
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.device("cuda"), dtype
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver version nvidia-smi reports, or None where there is no working nvidia-smi."""
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = result.stdout.split()
+    return lines[0] if result.returncode == 0 and lines else None
 
 
-def load_segmenter(model_name: str, requested_device: str) -> Segmenter:
+def cuda_unavailable_reason() -> str:
+    """One line on why PyTorch cannot use a GPU here, naming the driver and the CUDA build."""
+    build = f"PyTorch {torch.__version__}"
+    if torch.version.cuda is None:
+        return f"{build} is a CPU-only build: install a CUDA build (README, \"GPU drivers\")"
+    needed = MIN_DRIVER_FOR_CUDA.get(int(torch.version.cuda.split(".")[0]))
+    build += f" (CUDA {torch.version.cuda}" + (f", needs NVIDIA driver >= {needed})" if needed else ")")
+    driver = nvidia_driver_version()
+    if driver is None:
+        return f"{build} cannot see a CUDA GPU: no NVIDIA driver answers (nvidia-smi missing or failing)"
+    if needed and int(driver.split(".")[0]) < needed:
+        return (
+            f"{build} cannot use the GPU: NVIDIA driver {driver} is too old; install the PyTorch build "
+            f"for this driver (README, \"GPU drivers\") or use an image with a newer driver"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    return f"{build} cannot see a CUDA GPU although NVIDIA driver {driver} is installed{hint}"
+
+
+def choose_device(requested: str) -> torch.device:
+    """CUDA when asked (or, for "auto", when there is one); "cuda" without a usable GPU is an error."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise UsageError(f"--device cuda: {cuda_unavailable_reason()}")
+    log("warning: no CUDA GPU: running SAM3 on the CPU, about 100x slower (--device cuda makes this an error)")
+    return torch.device("cpu")
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The model's dtype; "auto" is bfloat16 on GPUs that support it, float32 elsewhere."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def describe_device(device: torch.device, dtype: torch.dtype) -> str:
+    """One line: the device, and for a GPU its name, memory, driver and PyTorch's CUDA version."""
+    name = dtype_name(dtype)
+    if device.type != "cuda":
+        return f"cpu: PyTorch {torch.__version__}, {name}"
+    gpu = torch.cuda.get_device_properties(device)
+    return (
+        f"cuda: {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), NVIDIA driver {nvidia_driver_version() or '?'}, "
+        f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}), {name}"
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class LocalCvUtils:
+    """SAM3's post-processing operations, computed locally with OpenCV.
+
+    transformers' SAM3 video model runs detection NMS, hole filling and sprinkle removal through
+    the `kernels-community/cv-utils` kernels, and silently skips all three where they do not load
+    (no `kernels` package, no Hub access, no build for this torch/CUDA). This object offers the
+    same two operations, so those steps always run.
+    """
+
+    @staticmethod
+    def generic_nms(
+        ious: torch.Tensor, scores: torch.Tensor, iou_threshold: float, use_iou_matrix: bool = True
+    ) -> torch.Tensor:
+        """Greedy NMS over an (N, N) IoU matrix: keep the best-scoring detection, drop all whose
+        IoU with it exceeds `iou_threshold`, repeat. Returns the kept indices, (K,) int64."""
+        if not use_iou_matrix:
+            raise ValueError("only NMS over a precomputed IoU matrix is implemented")
+        overlaps = (ious.float() > iou_threshold).cpu().numpy()
+        suppressed = np.zeros(len(overlaps), dtype=bool)
+        kept = []
+        for index in np.argsort(-scores.float().cpu().numpy(), kind="stable"):
+            if not suppressed[index]:
+                kept.append(index)
+                suppressed |= overlaps[index]
+        return torch.tensor(kept, dtype=torch.int64, device=scores.device)
+
+    @staticmethod
+    def cc_2d(masks: torch.Tensor, get_counts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-connected components of (B, 1, H, W) uint8 masks.
+
+        Returns labels, (B, 1, H, W) int32 (0 off the mask, components numbered from 1), and
+        counts, (B, 1, H, W) int32: the area of each pixel's component (0 off the mask).
+        """
+        array = masks.cpu().numpy()
+        labels = np.zeros(array.shape, dtype=np.int32)
+        counts = np.zeros(array.shape, dtype=np.int32)
+        for index, mask in enumerate(array[:, 0]):
+            _, labels[index, 0], stats, _ = cv2.connectedComponentsWithStats(
+                mask, connectivity=8, ltype=cv2.CV_32S
+            )
+            areas = stats[:, cv2.CC_STAT_AREA].astype(np.int32)
+            areas[0] = 0
+            counts[index, 0] = areas[labels[index, 0]]
+        return torch.from_numpy(labels).to(masks.device), torch.from_numpy(counts).to(masks.device)
+
+
+def enable_sam3_postprocessing() -> str:
+    """Make transformers run SAM3's detection NMS, hole filling and sprinkle removal.
+
+    The `kernels` package's implementation where it loads, else `LocalCvUtils`. Returns which.
+    """
+    from transformers.models.sam3_video import modeling_sam3_video as sam3
+    from transformers.utils import is_kernels_available
+    from transformers.utils import logging as hf_logging
+
+    if sam3.cv_utils_kernel is None and is_kernels_available():
+        logger = hf_logging.get_logger(sam3.__name__)
+        level = logger.level
+        logger.setLevel(hf_logging.ERROR)  # its "will be skipped" warning would not be true here
+        try:
+            sam3._load_cv_utils_kernel_once()
+        finally:
+            logger.setLevel(level)
+    if isinstance(sam3.cv_utils_kernel, LocalCvUtils) or not sam3.cv_utils_kernel:
+        sam3.cv_utils_kernel = LocalCvUtils()
+        return "local"
+    return "kernels"
+
+
+def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) -> Segmenter:
     """Load SAM3 once. A local directory loads offline; a hub ID uses HF_TOKEN for the gated checkpoint."""
     from transformers import Sam3VideoModel, Sam3VideoProcessor
 
-    device, dtype = choose_device(requested_device)
     looks_like_path = model_name.startswith((os.sep, ".", "~")) or model_name.count("/") > 1
     if looks_like_path:
         if not Path(model_name).expanduser().is_dir():
@@ -367,7 +518,8 @@ def load_segmenter(model_name: str, requested_device: str) -> Segmenter:
     except (OSError, ValueError) as error:
         hint = "" if Path(model_name).is_dir() else " (is HF_TOKEN set, with access to the gated checkpoint?)"
         raise UsageError(f"cannot load model {model_name}: {one_line(error)}{hint}") from None
-    return Segmenter(model.to(device).eval(), processor, model_name, device, dtype)
+    postprocessing = enable_sam3_postprocessing()
+    return Segmenter(model.to(device).eval(), processor, model_name, device, dtype, postprocessing)
 
 
 def check_prompts(processor: Any, prompts: Sequence[str]) -> None:
@@ -403,21 +555,82 @@ def output_rate(sample_fps: float, source_fps: Fraction) -> Fraction:
     return min(Fraction(sample_fps).limit_denominator(1001), source_fps)
 
 
+def display_transform(frame: av.VideoFrame) -> tuple[int, int, int, int]:
+    """The 2x2 part of the frame's display matrix as signs (a, b, c, d), identity when absent.
+
+    FFmpeg maps a stored pixel (x, y) to the displayed pixel (a x + c y, b x + d y) (then shifted
+    into view), so a signed permutation covers rotations by 90/180/270 degrees and mirroring.
+    A matrix that is not one (an odd angle) is ignored, as most players do.
+    """
+    side_data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    if side_data is None:
+        return IDENTITY_TRANSFORM
+    matrix = np.frombuffer(bytes(side_data), dtype="<i4")
+    a, b, _, c, d = (matrix[:5] / max(np.abs(matrix[[0, 1, 3, 4]]).max(), 1)).round().astype(int)
+    signs = (int(a), int(b), int(c), int(d))
+    return signs if abs(a * d - b * c) == 1 and (a == 0) != (b == 0) else IDENTITY_TRANSFORM
+
+
+def to_display(rgb: np.ndarray, transform: tuple[int, int, int, int]) -> np.ndarray:
+    """A stored frame as a player shows it. rgb: (H, W, 3) uint8; returns (H', W', 3) uint8,
+    H' x W' swapped for quarter turns."""
+    a, b, c, d = transform
+    if b == 0:  # x stays x (mirrored when a < 0), y stays y (mirrored when d < 0)
+        shown = rgb[::d, ::a]
+    else:  # x and y swap: displayed row = b * stored x, displayed column = c * stored y
+        shown = rgb.transpose(1, 0, 2)[::b, ::c]
+    return shown if shown is rgb else np.ascontiguousarray(shown)
+
+
+def display_rotation(transform: tuple[int, int, int, int]) -> tuple[int, bool]:
+    """(degrees counter-clockwise, mirrored) of a display transform, as players report it."""
+    a, b, c, d = transform
+    mirrored = a * d - b * c < 0
+    if mirrored:  # undo a horizontal mirror first, then read the rotation
+        a, c = -a, -c
+    return round(math.degrees(math.atan2(-b, a))) % 360, mirrored
+
+
+@dataclasses.dataclass
+class DecodeReport:
+    """What decoding found out on the way through a video."""
+
+    transform: tuple[int, int, int, int] = IDENTITY_TRANSFORM  # display matrix of the first sampled frame
+    error: str | None = None  # why decoding stopped before the end of the video, if it did
+
+
 def sample_frames(
-    container: av.container.InputContainer, sample_fps: float, max_frames: int
+    container: av.container.InputContainer,
+    sample_fps: float,
+    max_frames: int,
+    report: DecodeReport | None = None,
 ) -> Iterator[SampledFrame]:
-    """Decode the first video stream and yield one frame per 1/sample_fps seconds of video time.
+    """Decode the first video stream and yield one frame per 1/sample_fps seconds of video time,
+    upright as a player shows it.
 
     Sample k is the first frame at or after k / sample_fps seconds (exact fractions, so 29.97 fps
     and variable-frame-rate videos do not drift). Only chosen frames are converted to RGB.
+    A decode error after the first sample ends the video early (a file cut short keeps what
+    decoded) and is recorded in `report`; before it, the error is raised.
     """
+    report = report if report is not None else DecodeReport()
     stream = container.streams.video[0]
     interval = Fraction(1) / Fraction(sample_fps).limit_denominator(1001) if sample_fps > 0 else Fraction(0)
     fallback_rate = Fraction(stream.average_rate or 25)
     origin: Fraction | None = None
     next_time = Fraction(0)
     sampled = 0
-    for index, frame in enumerate(container.decode(stream)):
+    decoded = enumerate(container.decode(stream))
+    while True:
+        try:
+            index, frame = next(decoded)
+        except StopIteration:
+            return
+        except av.FFmpegError as error:
+            if not sampled:
+                raise
+            report.error = one_line(error)
+            return
         if frame.pts is not None and stream.time_base is not None:
             when = frame.pts * Fraction(stream.time_base)
         else:
@@ -426,7 +639,10 @@ def sample_frames(
         elapsed = when - origin
         if elapsed < next_time:
             continue
-        yield SampledFrame(source_index=index, timestamp=float(elapsed), rgb=frame.to_ndarray(format="rgb24"))
+        if not sampled:
+            report.transform = display_transform(frame)
+        rgb = to_display(frame.to_ndarray(format="rgb24"), report.transform)
+        yield SampledFrame(source_index=index, timestamp=float(elapsed), rgb=rgb)
         sampled += 1
         if max_frames and sampled >= max_frames:
             return
@@ -994,56 +1210,61 @@ def process_video(
     windows: list[int] = []
     timestamps: list[float] = []
     frame_indices: list[int] = []
+    report = DecodeReport()
     with container, tempfile.TemporaryDirectory(prefix="sam3-") as scratch:
         info = read_video_info(container, video)
-        size = (info.height, info.width)
         fps_out = output_rate(args.sample_fps, info.fps)
         expected = math.ceil(info.duration * fps_out) if info.duration else None
         if args.max_frames and expected:
             expected = min(expected, args.max_frames)
-        local = {key: Path(scratch) / paths[key].name for key in products}
-        preview = PreviewSheet(size)
-        frames = sample_frames(container, args.sample_fps, args.max_frames)
+        frames = sample_frames(container, args.sample_fps, args.max_frames, report)
         try:
-            with contextlib.ExitStack() as stack:
-                writer = stack.enter_context(H264Writer(local["video"], info.width, info.height, fps_out))
-                track_writer = (
-                    stack.enter_context(TrackWriter(local["tracks"], local["mot"], size))
-                    if args.tracks
-                    else None
-                )
-                progress = stack.enter_context(
-                    tqdm(total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True)
-                )
-                for sample, detections in track_objects(
-                    segmenter, frames, args.prompts, size, args.chunk_frames, windows
-                ):
-                    frame_number = len(timestamps)
-                    drawn = draw_overlay(sample.rgb, detections)
-                    writer.write(drawn)
-                    preview.offer(frame_number, sample.timestamp, drawn)
-                    if track_writer:
-                        track_writer.write(frame_number, sample, detections)
-                    update_tracks(tracks, frame_number, sample.timestamp, detections)
-                    timestamps.append(round(sample.timestamp, 6))
-                    frame_indices.append(sample.source_index)
-                    progress.update()
+            first = next(frames, None)
         except av.FFmpegError as error:
             raise VideoError(f"{video}: cannot decode: {one_line(error)}") from None
-        if not timestamps:
+        if first is None:
             raise VideoError(f"{video}: no frames could be decoded")
+        size = first.rgb.shape[:2]  # as displayed: (H, W) after the display matrix
+        local = {key: Path(scratch) / paths[key].name for key in products}
+        preview = PreviewSheet(size)
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(H264Writer(local["video"], size[1], size[0], fps_out))
+            track_writer = (
+                stack.enter_context(TrackWriter(local["tracks"], local["mot"], size)) if args.tracks else None
+            )
+            progress = stack.enter_context(
+                tqdm(total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True)
+            )
+            for sample, detections in track_objects(
+                segmenter, itertools.chain([first], frames), args.prompts, size, args.chunk_frames, windows
+            ):
+                frame_number = len(timestamps)
+                drawn = draw_overlay(sample.rgb, detections)
+                writer.write(drawn)
+                preview.offer(frame_number, sample.timestamp, drawn)
+                if track_writer:
+                    track_writer.write(frame_number, sample, detections)
+                update_tracks(tracks, frame_number, sample.timestamp, detections)
+                timestamps.append(round(sample.timestamp, 6))
+                frame_indices.append(sample.source_index)
+                progress.update()
         preview.save(local["preview"])
         for key in products:  # the metadata, written by the caller, comes last
             publish(local[key], paths[key])
 
     seconds = time.monotonic() - started
+    rotation, mirrored = display_rotation(report.transform)
     objects = sorted(tracks.values(), key=lambda track: track.object_id)
     return {
         "status": "complete",
         "video_name": video.name,
         "source_path": str(video),
-        "width": info.width,
-        "height": info.height,
+        "width": size[1],
+        "height": size[0],
+        "stored_width": info.width,
+        "stored_height": info.height,
+        "rotation": rotation,
+        "mirrored": mirrored,
         "duration_seconds": info.duration,
         "original_fps": float(info.fps),
         "sample_fps": args.sample_fps,
@@ -1055,6 +1276,8 @@ def process_video(
             "frames_per_window": windows,
         },
         "frames_processed": len(timestamps),
+        "frames_expected": expected,
+        "decode_error": report.error,
         "sampled_timestamps": timestamps,
         "sampled_frame_indices": frame_indices,
         "prompts": list(args.prompts),
@@ -1076,7 +1299,8 @@ def process_video(
         ],
         "model": segmenter.model_name,
         "device": str(segmenter.device),
-        "dtype": str(segmenter.dtype).removeprefix("torch."),
+        "dtype": dtype_name(segmenter.dtype),
+        "postprocessing": segmenter.postprocessing,
         "processing_seconds": round(seconds, 3),
         "frames_per_second": round(len(timestamps) / seconds, 3) if seconds > 0 else None,
         "output_video": str(paths["video"]),
@@ -1116,14 +1340,15 @@ def record_failure(video: Path, paths: dict[str, Path], error: BaseException) ->
 def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
     """One video's entry in the summary, from what its folder under `output_dir` holds.
 
-    done: complete metadata and its MP4 (`completed_metadata`); failed: an error record;
-    missing: neither (not started, in progress, interrupted, or no folder at all).
+    done: complete metadata and its MP4 (`completed_metadata`); partial: the same, but decoding
+    stopped before the end of the video (a file cut short); failed: an error record;
+    missing: none of these (not started, in progress, interrupted, or no folder at all).
     """
     paths = output_paths(output_dir, stem)
     metadata = completed_metadata(paths)
     failure = {} if metadata else read_record(paths["error"])
     if metadata:
-        status = "done"
+        status = "partial" if metadata.get("decode_error") else "done"
     elif failure.get("status") == "failed":
         status = "failed"
     else:
@@ -1135,6 +1360,7 @@ def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
         "objects_detected": metadata.get("objects_detected"),
         "objects_per_prompt": metadata.get("objects_per_prompt", {}),
         "processing_seconds": metadata.get("processing_seconds"),
+        "decode_error": metadata.get("decode_error"),
         "error": failure.get("error") if status == "failed" else None,
     }
 
@@ -1144,11 +1370,11 @@ def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
 
     Columns: video, status, frames_processed, objects_detected, then `objects:<prompt>` for each
     prompt any video was run with (first seen first; empty where that video's run did not have
-    it), then processing_seconds, error. Empty cells where there is no value (a video not done).
+    it), then processing_seconds, decode_error, error. Empty cells where there is no value.
     """
     prompts = dict.fromkeys(prompt for row in rows for prompt in row["objects_per_prompt"])
     columns = ["video", "status", "frames_processed", "objects_detected"]
-    columns += [f"objects:{prompt}" for prompt in prompts] + ["processing_seconds", "error"]
+    columns += [f"objects:{prompt}" for prompt in prompts] + ["processing_seconds", "decode_error", "error"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -1167,6 +1393,8 @@ def print_summary(output_dir: Path, counts: dict[str, int], rows: Sequence[dict[
     for row in rows:
         if row["status"] == "failed":
             print(f"  failed: {row['video']}: {row['error']}")
+        elif row["status"] == "partial":
+            print(f"  partial: {row['video']}: {row['decode_error']}")
 
 
 def summarize(output_dir: Path, inputs: Sequence[Path]) -> int:
@@ -1184,7 +1412,8 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> int:
         }
         rows = [summary_row(output_dir, stem) for stem in sorted(folders | {video.stem for video in videos})]
         counts = {
-            status: sum(row["status"] == status for row in rows) for status in ("done", "failed", "missing")
+            status: sum(row["status"] == status for row in rows)
+            for status in ("done", "partial", "failed", "missing")
         }
         summary = {"generated_at": now_iso(), "output_dir": str(output_dir), "counts": counts, "videos": rows}
         write_json(output_dir / "summary.json", summary)
@@ -1200,7 +1429,17 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_device(args: argparse.Namespace) -> int:
+    """--check-device: say what a run would compute on, or fail the way a run would."""
+    device = choose_device(args.device)
+    print(describe_device(device, choose_dtype(args.dtype, device)))
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    # Before anything else: a worker that cannot see its GPU must fail now, not crawl for hours.
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
     videos = collect_videos(args.inputs)
     videos = select_shard(videos, args.shard_index, args.num_shards)
     if args.num_shards > 1:
@@ -1224,11 +1463,10 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return EXIT_FAILED if failures else EXIT_OK
 
-    segmenter = load_segmenter(args.model, args.device)
+    segmenter = load_segmenter(args.model, device, dtype)
     check_prompts(segmenter.processor, args.prompts)
-    log(
-        f"model {args.model} on {segmenter.device} ({str(segmenter.dtype).removeprefix('torch.')}), prompts {args.prompts}"
-    )
+    log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
+    log(describe_device(device, dtype))
 
     for number, video in enumerate(tqdm(todo, unit="video", desc="videos", dynamic_ncols=True), start=1):
         paths = paths_of[video]
@@ -1241,6 +1479,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         write_json(paths["metadata"], metadata)
         paths["error"].unlink(missing_ok=True)
+        if metadata["decode_error"]:
+            log(
+                f"warning: {video}: decoding stopped after {metadata['sampled_timestamps'][-1]:.1f} s "
+                f"({metadata['frames_processed']} of ~{metadata['frames_expected']} frames kept): "
+                f"{metadata['decode_error']}"
+            )
         log(
             f"done {video.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
             f"{metadata['objects_per_prompt']}, {metadata['frames_per_second']} frames/s -> {paths['video']}"
@@ -1257,6 +1501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        if args.check_device:
+            return check_device(args)
         if args.summarize is not None:
             return summarize(args.summarize, args.inputs)
         return run(args)

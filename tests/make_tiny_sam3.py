@@ -36,9 +36,10 @@ TEXT_CONTEXT = 32  # the processor pads every prompt to 32 tokens
 START_TOKEN_ID, END_TOKEN_ID = 512, 513
 
 
-def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1) -> Sam3VideoConfig:
+def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1, det_nms_thresh: float = 0.0) -> Sam3VideoConfig:
     """A SAM3 video config small enough for CPU tests; each prompt yields `objects_per_prompt`
-    objects per frame (one detection query each)."""
+    objects per frame (one detection query each). The random queries of one prompt find the same
+    blob, so with `det_nms_thresh` > 0 SAM3's detection NMS leaves one of them."""
     attention = {"num_attention_heads": 2, "intermediate_size": MLP}
     backbone = {
         "model_type": "sam3_vit_model",
@@ -115,16 +116,18 @@ def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1) -> Sam3VideoC
         # Random weights score ~0.26: zero thresholds make every prompt yield its one query.
         score_threshold_detection=0.0,
         new_det_thresh=0.0,
-        det_nms_thresh=0.0,
+        det_nms_thresh=det_nms_thresh,
         max_num_objects=num_prompts * objects_per_prompt,
         hotstart_delay=0,
     )
 
 
-def tiny_model(num_prompts: int = 2, objects_per_prompt: int = 1, seed: int = 0) -> Sam3VideoModel:
+def tiny_model(
+    num_prompts: int = 2, objects_per_prompt: int = 1, seed: int = 0, det_nms_thresh: float = 0.0
+) -> Sam3VideoModel:
     """A random tiny SAM3 video model, in eval mode, that emits `objects_per_prompt` objects per prompt."""
     torch.manual_seed(seed)
-    model = Sam3VideoModel(tiny_config(num_prompts, objects_per_prompt)).eval()
+    model = Sam3VideoModel(tiny_config(num_prompts, objects_per_prompt, det_nms_thresh)).eval()
     with torch.no_grad():
         # Without these the tracker calls its objects absent and some masks come out empty.
         model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
@@ -148,10 +151,12 @@ def tiny_processor() -> Sam3VideoProcessor:
     )
 
 
-def save_tiny_sam3(directory: Path, num_prompts: int = 2, objects_per_prompt: int = 1) -> Path:
+def save_tiny_sam3(
+    directory: Path, num_prompts: int = 2, objects_per_prompt: int = 1, det_nms_thresh: float = 0.0
+) -> Path:
     """Save model + processor so that `from_pretrained(directory)` loads them offline."""
     directory.mkdir(parents=True, exist_ok=True)
-    tiny_model(num_prompts, objects_per_prompt).save_pretrained(directory)
+    tiny_model(num_prompts, objects_per_prompt, det_nms_thresh=det_nms_thresh).save_pretrained(directory)
     tiny_processor().save_pretrained(directory)
     return directory
 
@@ -165,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--objects-per-prompt", type=int, default=1, help="objects each prompt yields per frame (default 1)"
     )
+    parser.add_argument(
+        "--det-nms-thresh",
+        type=float,
+        default=0.0,
+        help="SAM3's detection NMS mask-IoU threshold (default 0: off; the real SAM3 uses 0.1)",
+    )
     args = parser.parse_args(argv)
-    print(save_tiny_sam3(args.directory, args.num_prompts, args.objects_per_prompt))
+    print(save_tiny_sam3(args.directory, args.num_prompts, args.objects_per_prompt, args.det_nms_thresh))
     return 0
 
 

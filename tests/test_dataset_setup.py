@@ -3,12 +3,14 @@
 Most tests run the dataset step alone. The real `kaggle` cannot be reached here, so a stand-in on
 PATH writes a small zip and logs its calls. A "bucket" is a temporary folder (DATASET_DIR), and
 TMPDIR plays one node's local disk (the lock and the download folder live there): two TMPDIRs are
-two nodes. The last tests run the whole setup with stand-ins for uv and the weights download too.
+two nodes. The last tests run the whole setup with stand-ins for uv, nvidia-smi (driver 580), the
+weights download and the final device check too (tests/test_gpu_setup.py covers the torch step).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +39,7 @@ with zipfile.ZipFile(os.path.join(args[args.index("-p") + 1], dataset.split("/")
         archive.writestr(name, data)
 """
 # python: the real interpreter, except that the weights download (`-c` with snapshot_download)
-# is only logged, and that it kills the whole setup (its process group), as a preemption would,
+# and the device check (`process_segmentation.py --check-device`) are only logged, and that it kills the whole setup (its process group), as a preemption would,
 # with KILL_DURING=unzip after `-m zipfile -e` has extracted one member, and with
 # KILL_DURING=copy after the copy into the bucket has written half of its first file.
 PYTHON = """\
@@ -47,6 +49,15 @@ if args[:1] == ["-c"] and "snapshot_download" in args[1]:
     with open(os.environ["STAND_IN_LOG"], "a") as calls:
         calls.write("weights " + args[1] + "\\n")
     sys.exit(1 if os.environ.get("FAIL_AT") == "weights" else 0)
+if args[:2] == ["process_segmentation.py", "--check-device"]:
+    with open(os.environ["STAND_IN_LOG"], "a") as calls:
+        calls.write("device " + " ".join(args) + "\\n")
+    if os.environ.get("FAIL_AT") == "device":
+        print("error: --device cuda: torch 2.14.1+cu130 (CUDA 13.0) cannot see a CUDA GPU although"
+              " NVIDIA driver 535.216.01 is installed", file=sys.stderr)
+        sys.exit(2)
+    print("cuda: NVIDIA L40S, driver 580.95, torch 2.14.1+cu130 (CUDA 13.0), bfloat16")
+    sys.exit(0)
 if args[:3] == ["-m", "zipfile", "-e"] and os.environ.get("KILL_DURING") == "unzip":
     with zipfile.ZipFile(args[3]) as archive:
         archive.extract(archive.namelist()[0], args[4])
@@ -62,7 +73,8 @@ if args[:1] == ["-c"] and "copytree" in args[1] and os.environ.get("KILL_DURING"
 os.execv(sys.executable, [sys.executable, *args])
 """
 
-# uv: `venv` makes a venv whose activate puts the stand-ins first on PATH; `pip install` is logged.
+# uv: `venv` makes a venv whose activate puts the stand-ins first on PATH; `pip install` is logged
+# (FAIL_AT=torch fails the install from PyTorch's index, FAIL_AT=pip the one from requirements.txt).
 UV = """\
 import os, sys
 args = sys.argv[1:]
@@ -73,9 +85,11 @@ if args[0] == "venv":
     with open(os.path.join(args[-1], "bin", "activate"), "w") as activate:
         activate.write('export PATH="%s:$PATH"\\n' % os.environ["VENV_TOOLS"])
     os.symlink(sys.executable, os.path.join(args[-1], "bin", "python"))
-elif os.environ.get("FAIL_AT") == "pip":
+elif os.environ.get("FAIL_AT") == ("torch" if "--index-url" in args else "pip"):
     sys.exit("No solution found when resolving dependencies")
 """
+
+NVIDIA_SMI = 'print("580.95.05")  # --query-gpu=driver_version --format=csv,noheader on an L40S\n'
 
 
 def pool_setup() -> str:
@@ -113,11 +127,13 @@ class Bench:
         self.tools.mkdir()
         write_tool(self.tools / "kaggle", KAGGLE)
         write_tool(self.tools / "python", PYTHON)
+        write_tool(self.tools / "nvidia-smi", NVIDIA_SMI)
         self.home = root / "home"  # SkyPilot installs uv in ~/.local/bin
         (self.home / ".local" / "bin").mkdir(parents=True)
         write_tool(self.home / ".local" / "bin" / "uv", UV)
         self.workdir = root / "workdir"
         self.workdir.mkdir()
+        shutil.copy(REPO / "requirements.txt", self.workdir)  # the torch step reads its pins
 
     def start(self, node: str = "node-a", script: str = "dataset-step.sh", **env: str) -> subprocess.Popen:
         tmpdir = self.root / node
@@ -154,12 +170,14 @@ class Bench:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
     def steps(self) -> list[str]:
-        """What the stand-ins were asked to do, in order: venv, pip, download, weights."""
+        """What the stand-ins were asked to do, in order: venv, torch, pip, download, weights, device."""
         labels = {
             "uv venv ": "venv",
+            "uv pip install --index-url ": "torch",
             "uv pip install ": "pip",
             "datasets download ": "download",
             "weights ": "weights",
+            "device ": "device",
         }
         return [
             next(label for prefix, label in labels.items() if call.startswith(prefix))
@@ -263,21 +281,32 @@ def test_dataset_setup_download_failure_fails_setup(bench):
 def test_setup_rerun_reuses_venv_and_dataset(bench):
     status, output = bench.run(script="setup.sh")
     assert status == 0, output
-    assert bench.steps() == ["venv", "pip", "download", "weights"]
-    assert "-r requirements.txt" in bench.calls()[1]
+    assert bench.steps() == ["venv", "torch", "pip", "download", "weights", "device"]
+    assert "--index-url https://download.pytorch.org/whl/cu130 " in bench.calls()[1]
+    assert "-r requirements.txt" in bench.calls()[2]
+    assert bench.calls()[-1] == "device process_segmentation.py --check-device --device cuda"
+    assert "cuda: NVIDIA L40S" in output
     bench.assert_complete()
 
     bench.log.unlink()
     status, output = bench.run(script="setup.sh")
     assert status == 0, output
-    assert bench.steps() == ["pip", "weights"]  # the venv and the dataset are reused
+    assert bench.steps() == ["torch", "pip", "weights", "device"]  # the venv and the dataset are reused
     assert output.rstrip().endswith("Setup complete")
 
 
-@pytest.mark.parametrize("stage", ["pip", "download", "weights"])
+@pytest.mark.parametrize("stage", ["torch", "pip", "download", "weights", "device"])
 def test_setup_step_failure_fails_setup(bench, stage):
     status, output = bench.run(script="setup.sh", FAIL_AT=stage)
     assert status != 0, output
     assert "Setup complete" not in output
     assert bench.steps()[-1] == stage  # nothing runs after the step that failed
-    assert bench.marker.exists() == (stage == "weights")
+    assert bench.marker.exists() == (stage in ("weights", "device"))
+
+
+def test_setup_gpu_not_seen_by_torch_fails_setup(bench):
+    """A worker whose PyTorch cannot see the GPU fails at setup, saying why, and not in every job."""
+    status, output = bench.run(script="setup.sh", FAIL_AT="device")
+    assert status == 2, output
+    assert output.rstrip().splitlines()[-1].startswith("error: --device cuda: ")
+    assert "driver 535.216.01" in output

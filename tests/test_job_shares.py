@@ -3,7 +3,7 @@
 Each rank gets the YAML's envs (as SkyPilot exports them) pointed at a folder of synthetic videos,
 the tiny model and its own output folder, so that what a rank did can be read from its outputs:
 a video processed by two ranks, or by none, shows. VENV_DIR points the block's `source` line at
-the venv running these tests.
+the venv running these tests, and DEVICE=cpu replaces the YAMLs' cuda.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ def run_block(tmp_path: Path, tiny_model_dir: Path, venv_dir: Path):
             OUTPUT_DIR=str(output_dir),
             MODEL=str(tiny_model_dir),
             VENV_DIR=str(venv_dir),
+            DEVICE="cpu",  # the YAMLs' default, cuda, fails where no GPU is visible
             HF_HUB_OFFLINE="1",
             OMP_NUM_THREADS="1",
             PROMPTS=";".join(PROMPTS),
-            **envs,
         )
+        env.update(envs)
         if rank is not None:
             env.update(SKYPILOT_JOB_RANK=str(rank), SKYPILOT_NUM_JOBS=str(num_jobs))
         result = subprocess.run(
@@ -134,7 +135,8 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
     assert sorted(sum(names, [])) == sorted(clips), f"every video exactly once; shares: {names}\n{logs}"
     # each rank's summary: its share done, the rest of the dataset missing
     for share, out in zip(names, outputs, strict=True):
-        assert summary_counts(out) == {"done": len(share), "failed": 0, "missing": len(clips) - len(share)}
+        missing = len(clips) - len(share)
+        assert summary_counts(out) == {"done": len(share), "partial": 0, "failed": 0, "missing": missing}
     for share in shares:
         for stem, metadata in share.items():
             assert metadata["source_path"] == str(videos / f"{stem}.mp4")
@@ -165,7 +167,22 @@ def test_job_run_failed_video_fails_job(tmp_path, make_video, run_block):
     assert status == 1, output[-3000:]
     assert sorted(completed(tmp_path / "out")) == ["good"]
     assert (tmp_path / "out" / "broken" / "broken_error.json").is_file()
-    assert summary_counts(tmp_path / "out") == {"done": 1, "failed": 1, "missing": 0}  # written all the same
+    assert summary_counts(tmp_path / "out") == {"done": 1, "partial": 0, "failed": 1, "missing": 0}  # written all the same
+
+
+def test_job_run_without_gpu_fails_job(tmp_path, make_video, run_block):
+    """With the YAML's DEVICE, a worker whose PyTorch sees no GPU fails instead of running on the CPU."""
+    videos = make_clips(tmp_path / "videos", {"good": 1}, make_video)
+    status, output = run_block(
+        "sam3-job.yaml",
+        tmp_path / "out",
+        VIDEO_DIR=str(videos),
+        DEVICE=yaml_task("sam3-job.yaml")["envs"]["DEVICE"],
+        CUDA_VISIBLE_DEVICES="",  # no GPU, on any machine
+    )
+    assert status == 2, output[-3000:]
+    assert any(line.startswith("error: ") and "CUDA" in line for line in output.splitlines()), output[-3000:]
+    assert completed(tmp_path / "out") == {}
 
 
 def test_single_run_max_videos_subset(tmp_path, make_video, run_block):
@@ -177,6 +194,7 @@ def test_single_run_max_videos_subset(tmp_path, make_video, run_block):
     assert sorted(completed(tmp_path / "out")) == ["a1", "b1"]  # the first two by name
     assert summary_counts(tmp_path / "out") == {
         "done": 2,
+        "partial": 0,
         "failed": 0,
         "missing": 1,
     }  # of the whole VIDEO_DIR

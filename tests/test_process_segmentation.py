@@ -156,7 +156,7 @@ def crowd_segmenter(tmp_path_factory) -> ps.Segmenter:
     directory = make_tiny_sam3.save_tiny_sam3(
         tmp_path_factory.mktemp("crowd"), num_prompts=2, objects_per_prompt=10
     )
-    return ps.load_segmenter(str(directory), "cpu")
+    return ps.load_segmenter(str(directory), torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("size", [(180, 320), (97, 161)], ids=["320x180", "odd-161x97"])
@@ -465,12 +465,42 @@ def test_usage_error_exits_2_with_one_line(tmp_path, tiny_model_dir, capsys, ext
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
-def test_device_cuda_without_gpu_is_a_usage_error(tmp_path, tiny_model_dir, capsys):
+@pytest.mark.parametrize(
+    ("driver", "expected"),
+    [
+        ("535.216.01", "NVIDIA driver 535.216.01 is too old"),
+        (None, "no NVIDIA driver answers"),
+    ],
+    ids=["old-driver", "no-driver"],
+)
+def test_device_cuda_without_gpu_fails_before_any_video(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, driver, expected
+):
+    """What a worker whose PyTorch cannot see the GPU prints: one line naming CUDA, the driver
+    and PyTorch's CUDA version, and no video is touched."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if driver:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {driver}\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     video = write_test_video(tmp_path / "clip.mp4", seconds=1.0)
     code, stderr = run_cli(
-        [video, "--output-dir", tmp_path, "--model", tiny_model_dir, "--device", "cuda"], capsys
+        [video, "--output-dir", tmp_path / "out", "--model", tiny_model_dir, "--device", "cuda"], capsys
     )
-    assert code == 2 and "error: --device cuda: no CUDA GPU is visible to PyTorch" in stderr
+    assert code == 2
+    [line] = problem_lines(stderr)
+    assert line.startswith("error: --device cuda: PyTorch") and expected in line, line
+    assert f"CUDA {torch.version.cuda}" in line, line
+    assert not (tmp_path / "out").exists(), "no video may be started"
+
+    code, stderr = run_cli(["--check-device", "--device", "cuda"], capsys)
+    assert code == 2 and problem_lines(stderr) == [line]
+
+
+def test_check_device_cpu_names_device_and_precision(capsys):
+    assert ps.main(["--check-device", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip() == f"cpu: PyTorch {torch.__version__}, bfloat16"
 
 
 def test_hf_token_is_never_printed_or_written(tmp_path, tiny_model_dir, capsys, monkeypatch):
@@ -518,3 +548,60 @@ def test_interrupted_run_leaves_no_file_that_looks_complete(tmp_path, tiny_model
     assert not [name for name in names if name.endswith(finished_looking)], names
     code, stderr = run_cli(segment([video], out, tiny_model_dir, "--max-frames", "5"), capsys)
     assert code == 0 and "skip" not in stderr, "an interrupted video must be redone, not skipped"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-world conditions: files cut short, other precisions
+# ---------------------------------------------------------------------------------------------
+
+
+def write_cut_video(path: Path, seconds: int = 10, fps: int = 25) -> Path:
+    """A faststart MP4 (index first, as uploads are) with its second half missing, as an
+    interrupted upload or copy leaves it."""
+    whole = path.with_name("whole.mp4")
+    with ps.H264Writer(whole, 160, 96, Fraction(fps)) as writer:
+        for index in range(seconds * fps):
+            writer.write(pitch_frame(index, 160, 96))
+    data = whole.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_video_cut_short_keeps_what_decoded_and_counts_as_partial(tmp_path, tiny_model_dir, capsys):
+    video = write_cut_video(tmp_path / "cut.mp4")
+    out = tmp_path / "out"
+    code, stderr = run_cli(segment([video], out, tiny_model_dir), capsys)
+    assert code == 0, stderr
+    metadata = json.loads((out / "cut" / "cut_metadata.json").read_text())
+    assert metadata["status"] == "complete" and metadata["frames_expected"] == 10
+    assert 3 <= metadata["frames_processed"] <= 6, "about the first half decodes"
+    assert metadata["decode_error"] and "\n" not in metadata["decode_error"]
+    _, frames = decode(out / "cut" / "cut_segmented.mp4")
+    assert len(frames) == metadata["frames_processed"] == len(metadata["sampled_timestamps"])
+    tracks = (out / "cut" / "cut_tracks.jsonl").read_text().splitlines()
+    assert len(tracks) == metadata["frames_processed"]
+    [warning] = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert "cut.mp4" in warning and metadata["decode_error"] in warning
+
+    assert ps.main(["--summarize", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"done": 0, "partial": 1, "failed": 0, "missing": 0}
+    assert summary["videos"][0]["decode_error"] == metadata["decode_error"]
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert "decode_error" in rows[0].split(",") and metadata["decode_error"] in rows[1]
+    assert "partial: cut: " in capsys.readouterr().out
+
+    code, stderr = run_cli(segment([video], out, tiny_model_dir), capsys)
+    assert code == 0 and "skip" in stderr, "a partial video is complete as far as it decodes"
+
+
+def test_bfloat16_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
+    """The precision GPUs run in, here on the CPU, so that a dtype mismatch shows in CI."""
+    video = write_test_video(tmp_path / "clip.mp4", seconds=3.0)
+    code, stderr = run_cli(segment([video], tmp_path, tiny_model_dir, "--dtype", "bfloat16"), capsys)
+    assert code == 0, stderr
+    metadata = json.loads((tmp_path / "clip" / "clip_metadata.json").read_text())
+    assert metadata["dtype"] == "bfloat16" and metadata["frames_processed"] == 3
+    assert metadata["objects_per_prompt"] == {prompt: 1 for prompt in PROMPTS}
+    _, frames = decode(tmp_path / "clip" / "clip_segmented.mp4")
+    assert len(frames) == 3

@@ -20,7 +20,7 @@ import process_segmentation as ps
 from conftest import REPO
 
 PROMPTS = ["soccer player", "ball"]
-CSV_COLUMNS = ["video", "status", "frames_processed", "objects_detected", "processing_seconds", "error"]
+CSV_COLUMNS = ["video", "status", "frames_processed", "objects_detected", "processing_seconds", "decode_error", "error"]
 
 
 def run_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -83,7 +83,7 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
     code, stdout, _ = run_cli(["--summarize", out], capsys)
     assert code == 0  # a report: failed videos do not fail it
     summary, rows = read_summary(out)
-    assert summary["counts"] == {"done": 1, "failed": 1, "missing": 0}
+    assert summary["counts"] == {"done": 1, "partial": 0, "failed": 1, "missing": 0}
     assert summary["output_dir"] == str(out)
     by_video = {row["video"]: row for row in summary["videos"]}
     assert sorted(by_video) == ["broken", "good"]
@@ -99,6 +99,7 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
         "objects_detected": None,
         "objects_per_prompt": {},
         "processing_seconds": None,
+        "decode_error": None,
         "error": error,
     }
     assert [(row["video"], row["status"]) for row in rows] == [("broken", "failed"), ("good", "done")]
@@ -109,10 +110,11 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
     code, stdout, _ = run_cli(["--summarize", out, videos], capsys)
     assert code == 0
     summary, rows = read_summary(out)
-    assert summary["counts"] == {"done": 1, "failed": 1, "missing": 1}
+    assert summary["counts"] == {"done": 1, "partial": 0, "failed": 1, "missing": 1}
     assert [(row["video"], row["status"]) for row in rows][-1] == ("later", "missing")
-    assert [line.split() for line in stdout.splitlines()[1:4]] == [
+    assert [line.split() for line in stdout.splitlines()[1:5]] == [
         ["done", "1"],
+        ["partial", "0"],
         ["failed", "1"],
         ["missing", "1"],
     ]
@@ -162,7 +164,7 @@ def test_summary_counts_inputs_without_folder_as_missing(tmp_path, make_video, c
     code, _, _ = run_cli(["--summarize", out, *(tmp_path / path for path in inputs)], capsys)
     assert code == 0
     summary, rows = read_summary(out)
-    assert summary["counts"] == {"done": 1, "failed": 1, "missing": len(missing)}
+    assert summary["counts"] == {"done": 1, "partial": 0, "failed": 1, "missing": len(missing)}
     assert [row["video"] for row in rows if row["status"] == "missing"] == missing
     assert len(rows) == 2 + len(missing)
 
@@ -187,6 +189,7 @@ def test_summary_csv_has_documented_columns(tmp_path, capsys):
         "objects:ball": "1",
         "objects:goalkeeper": "",
         "processing_seconds": "1.5",
+        "decode_error": "",
         "error": "",
     }
     assert (rows["rerun"]["objects:soccer player"], rows["rerun"]["objects:goalkeeper"]) == ("", "1")
@@ -212,7 +215,7 @@ def test_summary_racing_runs_leave_valid_files(tmp_path):
     stems = [f"clip{i:03d}" for i in range(150)]
     for i, stem in enumerate(stems):
         lay_out(out, stem, FAILED if i % 3 == 0 else complete(frames=i))
-    expected = {"done": 100, "failed": 50, "missing": 0}
+    expected = {"done": 100, "partial": 0, "failed": 50, "missing": 0}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     racers = [
         subprocess.Popen(

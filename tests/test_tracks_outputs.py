@@ -7,6 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as coco_mask
 
 import process_segmentation as ps
@@ -94,7 +95,7 @@ def test_tracks_jsonl_masks_decode_to_what_the_overlay_drew(tracked_run):
 
 def test_tracks_masks_are_the_masks_the_overlay_draws(tiny_model_dir):
     """On real (tiny) SAM3 output: each RLE decodes to the very mask draw_overlay is given."""
-    segmenter = ps.load_segmenter(str(tiny_model_dir), "cpu")
+    segmenter = ps.load_segmenter(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     frames = [ps.SampledFrame(i, i / 2, pitch_frame(i, 160, 96)) for i in range(3)]
     checked = 0
     for _, detections in ps.track_objects(segmenter, frames, PROMPTS, (96, 160), chunk_frames=100):
