@@ -1,17 +1,27 @@
-"""Speed and memory of process_segmentation.py against the upstream example's approach.
+"""Speed and memory of process_segmentation.py, with a tiny random SAM3 or the full-size one.
 
-Both run on the same synthetic 720p clip with the same tiny random SAM3 (tests/make_tiny_sam3.py)
-set up to track ~20 objects, so the numbers measure the pipeline around the model, not SAM3:
+Default mode: both approaches run on the same synthetic 720p clip with the same tiny random SAM3
+(tests/make_tiny_sam3.py) set up to track ~20 objects, so the numbers measure the pipeline around
+the model, not SAM3:
   ours   streaming decode -> SAM3 -> box-local masks and overlay -> H.264, chunked sessions
   naive  the upstream example's approach: every sampled frame decoded into RAM first, one SAM3
          session over all of them, transformers' postprocess_outputs, a float32 mask per object
          per frame kept for the whole video, a float blend per mask, OpenCV mp4v output
-Each measurement runs in its own process so that its peak RSS is its own.
+--full-size: the full-size SAM3 (~860M parameters) with random weights (bench/full_size_sam3.py,
+saved once under --cache-dir) through the real script path, process_segmentation.main(), on a
+synthetic 720p clip: seconds per frame, frames/s, peak RSS and GPU memory, and what SAM3's session
+holds per frame and per object. Random weights give meaningless masks but the real compute.
+Each measurement runs in its own process so that its peak memory is its own.
 
 Usage:
   python bench/benchmark.py                    # 60 and 600 frames, prints a table
   python bench/benchmark.py --readme README.md # also writes the table into the README
   python bench/benchmark.py --small            # a few small frames: the CI smoke run
+  python bench/benchmark.py --full-size --json cpu.json   # CPU: 2 and 4 frames, 20 and 10 objects
+  python bench/benchmark.py --full-size --device cuda --dtype bfloat16 --json gpu.json
+                                               # GPU: 201 frames at --chunk-frames 100, 200, 50
+  python bench/benchmark.py --full-size --smoke           # one frame on the CPU: the CI smoke run
+  bash bench/gpu_check.sh                                 # the GPU run on a lent machine, offline
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,7 +171,7 @@ def naive_estimate_gb(frames: int, width: int, height: int, objects: int) -> flo
     return frames * width * height * (3 + 3 + 4 * objects) / 1e9
 
 
-def machine() -> str:
+def machine(threads: int = 1) -> str:
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -170,7 +181,8 @@ def machine() -> str:
         platform.processor(),
     )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, CPU only, 1 torch thread"
+    plural = "s" if threads > 1 else ""
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, CPU only, {threads} torch thread{plural}"
 
 
 def table(rows: list[dict], size: tuple[int, int], objects: int) -> str:
@@ -208,10 +220,405 @@ def write_readme(readme: Path, text: str) -> None:
     readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
 
 
+# ---------------------------------------------------------------------------------------------
+# --full-size: the full-size SAM3 through process_segmentation.main()
+# ---------------------------------------------------------------------------------------------
+
+FULL_SIZE_OBJECTS = [20, 10]  # the first is measured everywhere, the others for memory per object
+FULL_SIZE_CPU_FRAMES = [2, 4]  # CPU: ~35 s for a first frame, ~55 s for later ones (20 objects, 2 idle cores)
+FULL_SIZE_CHUNKS = [100, 200, 50]  # GPU: --chunk-frames compared, in this order
+CPU_CHUNK_FRAMES = 100  # process_segmentation's default; CPU runs stay inside one window
+GPU_SESSION_EVERY = 10  # window frames 9, 19, ...: the last frame of a 50-, 100- or 200-frame window too
+CPU_DEADLINE_S = 900  # the CPU default plan takes ~10 min on 2 idle cores; later runs are skipped
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sam3-bench"
+MB = 1e6
+
+
+def session_memory(session: object) -> dict[str, float]:
+    """MB of tensor storage a SAM3 video session holds: its stored frames, its per-object tracker
+    state and everything else, with the number of frames and of (object, frame) entries held."""
+    import torch
+
+    seen_storage: set[tuple[str, int]] = set()
+    seen_objects: set[int] = set()
+
+    def walk(value: object) -> int:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (str(value.device), storage.data_ptr())
+            if key in seen_storage:
+                return 0
+            seen_storage.add(key)
+            return storage.nbytes()
+        if id(value) in seen_objects or isinstance(value, (str, bytes, type, torch.nn.Module)):
+            return 0
+        seen_objects.add(id(value))
+        if isinstance(value, dict):
+            return sum(walk(item) for item in value.values())
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return sum(walk(item) for item in value)
+        return walk(vars(value)) if hasattr(value, "__dict__") else 0
+
+    per_object = session.output_dict_per_obj  # {obj_idx: {"cond_frame_outputs": {frame: {...}}, ...}}
+    frames_mb = walk(session.processed_frames or {}) / MB
+    object_state_mb = walk(per_object) / MB
+    other_mb = walk(vars(session)) / MB  # storage already counted above is not counted again
+    entries = sum(len(outputs) for kinds in per_object.values() for outputs in kinds.values())
+    return {
+        "frames_mb": round(frames_mb, 1),
+        "object_state_mb": round(object_state_mb, 1),
+        "other_mb": round(other_mb, 1),
+        "frames_held": len(session.processed_frames or {}),
+        "object_frame_entries": entries,
+    }
+
+
+def probe_frames(device: str, trace: list[dict]) -> None:
+    """Record each frame SAM3 processes in this process: model seconds, seconds since the previous
+    frame's model call ended (decode, overlay, encode and the model), objects, what the session holds
+    and memory. Wraps Sam3VideoModel.forward, which process_segmentation calls once per frame; the
+    time the measuring itself takes is recorded (probe_s) and left out of the other times. On CUDA,
+    where a frame takes less time than walking a long session, the session is measured on every
+    GPU_SESSION_EVERY-th frame of a window only."""
+    import torch
+    from transformers import Sam3VideoModel
+
+    forward = Sam3VideoModel.forward
+    cuda = device == "cuda"
+    previous_end: list[float] = []
+
+    def measured_forward(self, *args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        output = forward(self, *args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        record = {
+            "frame": len(trace),
+            "window_frame": kwargs.get("frame_idx"),
+            "model_s": round(end - start, 4),
+            "wall_s": round(end - previous_end[-1], 4) if previous_end else None,
+            "objects": len(output.object_ids),
+            "rss_mb": round(current_rss_mb()),
+        }
+        if not cuda or record["window_frame"] % GPU_SESSION_EVERY == GPU_SESSION_EVERY - 1:
+            record["session"] = session_memory(kwargs["inference_session"])
+        if cuda:
+            record["gpu_allocated_mb"] = round(torch.cuda.memory_allocated() / MB)
+            record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / MB)
+        print(f"frame {json.dumps(record)}", file=sys.stderr, flush=True)
+        previous_end[:] = [time.perf_counter()]
+        record["probe_s"] = round(previous_end[0] - end, 4)  # left out of wall_s and frames/s
+        trace.append(record)
+        return output
+
+    Sam3VideoModel.forward = measured_forward
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+
+
+def run_full_size(
+    clip: Path, model_dir: Path, frames: int, chunk_frames: int, device: str, dtype: str | None
+) -> dict:
+    """One process_segmentation.main() run with the frame probe; returns its measurements."""
+    import torch
+
+    import process_segmentation as ps
+
+    trace: list[dict] = []
+    probe_frames(device, trace)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    options = ["--device", device, "--chunk-frames", str(chunk_frames)]
+    if dtype:
+        options += ["--dtype", dtype]
+    with tempfile.TemporaryDirectory() as workdir:
+        code = ps.main(
+            [str(clip), "--output-dir", workdir, "--model", str(model_dir), "--sample-fps", "0"]
+            + ["--max-frames", str(frames), "--prompts", *PROMPTS, *options]
+        )
+        if code != 0:
+            raise SystemExit(f"process_segmentation.py exited {code}")
+        metadata = json.loads((Path(workdir) / clip.stem / f"{clip.stem}_metadata.json").read_text())
+    model_seconds = sum(record["model_s"] for record in trace)
+    seconds = metadata["processing_seconds"] - sum(record["probe_s"] for record in trace)
+    result = {
+        "frames": metadata["frames_processed"],
+        "chunk_frames": chunk_frames,
+        "windows": metadata["chunking"]["frames_per_window"],
+        "device": metadata["device"],
+        "dtype": metadata["dtype"],
+        "objects_detected": metadata["objects_detected"],
+        "objects_last_frame": trace[-1]["objects"] if trace else 0,
+        "seconds": round(seconds, 3),
+        "frames_per_second": round(metadata["frames_processed"] / seconds, 3),
+        "model_seconds": round(model_seconds, 3),
+        "outside_model_share": round(1 - model_seconds / seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb()),
+        "threads": torch.get_num_threads(),
+        "per_frame": trace,
+    }
+    if device == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / MB)
+        result["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved() / MB)
+    return result
+
+
+def write_clip(path: Path, frames: int, size: tuple[int, int] = (1280, 720), fps: int = 25) -> Path:
+    """An H.264 clip of `frames` frames: a green pitch with ten moving blocks. No pytest needed
+    (tests/conftest.py imports it), so the GPU machine can run this without test dependencies."""
+    import av
+    import numpy as np
+
+    width, height = size
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            rgb = np.empty((height, width, 3), dtype=np.uint8)
+            rgb[:] = (40, 140, 60)
+            for block in range(10):
+                x = (index * (block + 2) * 3 + block * width // 10) % (width - 40)
+                y = height // 12 + block * height // 12
+                rgb[y : y + 80, x : x + 40] = (200, 30, 30) if block % 2 else (30, 30, 200)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def build_full_size(cache_dir: Path, objects: int, most_objects: int) -> Path:
+    """The full-size random SAM3 with one detection query per object of `most_objects`, split over
+    the prompts, tracking at most `objects` objects. The weights are built and saved once (~3.3 GB);
+    a smaller `objects` shares them (its own config, same weights)."""
+    import full_size_sam3
+
+    for count in (objects, most_objects):
+        if count % len(PROMPTS) or count <= 0:
+            raise SystemExit(f"--objects must be multiples of {len(PROMPTS)} (the prompts), got {count}")
+    base = cache_dir / f"full-size-sam3-{len(PROMPTS)}x{most_objects // len(PROMPTS)}"
+    if not (base / full_size_sam3.COMPLETE_MARKER).is_file():
+        started = time.monotonic()
+        full_size_sam3.save_full_size_sam3(base, len(PROMPTS), most_objects // len(PROMPTS))
+        print(f"built {base} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    if objects == most_objects:
+        return base
+    variant = base.with_name(f"{base.name}-max{objects}")
+    return full_size_sam3.save_object_limit_variant(base, variant, objects)
+
+
+def measure_full_size(
+    clip: Path, model_dir: Path, frames: int, chunk_frames: int, device: str, dtype: str | None, log: Path
+) -> dict:
+    """One full-size run in its own process; its stderr (one line per frame) goes to `log`."""
+    command = [sys.executable, __file__, "--worker", "full", "--clip", str(clip), "--model-dir", str(model_dir)]
+    command += ["--frames", str(frames), "--chunk-frames", str(chunk_frames), "--device", device]
+    if dtype:
+        command += ["--dtype", dtype]
+    started = time.monotonic()
+    with log.open("w") as stderr:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    if completed.returncode != 0:
+        tail = log.read_text()[-2000:]
+        print(f"run failed, exit {completed.returncode}; end of {log}:\n{tail}", file=sys.stderr, flush=True)
+        return {"failed": f"failed (exit {completed.returncode}), see {log.name}"}
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def full_size_plan(args: argparse.Namespace, device: str) -> list[dict]:
+    """The runs to make, most informative first: (objects, frames, chunk_frames) each."""
+    main_objects, *other_objects = args.objects
+    if args.smoke:
+        return [{"objects_requested": main_objects, "frames": 1, "chunk_frames": CPU_CHUNK_FRAMES}]
+    if device == "cpu":
+        frames = args.frames or FULL_SIZE_CPU_FRAMES
+        return [
+            {"objects_requested": objects, "frames": count, "chunk_frames": max(CPU_CHUNK_FRAMES, count)}
+            for objects in args.objects
+            for count in sorted(frames)
+        ]
+    chunks = args.chunk_frames or FULL_SIZE_CHUNKS
+    frames = (args.frames or [max(chunks) + 1])[0]
+    runs = [{"objects_requested": main_objects, "frames": frames, "chunk_frames": chunk} for chunk in chunks]
+    for objects in other_objects:
+        runs.append({"objects_requested": objects, "frames": frames, "chunk_frames": chunks[0]})
+    return runs
+
+
+def predicted_seconds(done: list[dict], frames: int) -> float | None:
+    """How long a run of `frames` frames should take, by the last completed run's start-up time,
+    first frame and later frames, plus 10%; None before any run has completed."""
+    last = next((run for run in reversed(done) if "frames_per_second" in run), None)
+    if last is None:
+        return None
+    first = last["per_frame"][0]["model_s"]
+    later = [record["wall_s"] for record in last["per_frame"] if record["wall_s"]] or [first]
+    startup = last["process_seconds"] - last["seconds"]
+    return 1.1 * (startup + first + (frames - 1) * sum(later) / len(later))
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y on x, or None with fewer than two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+
+
+def full_size_summary(runs: list[dict]) -> dict:
+    """Memory per frame and per object (MB): from what the sessions held, exactly, and from the
+    runs' peaks (peak GPU memory on CUDA, peak RSS on the CPU), by least squares."""
+    done = [run for run in runs if "frames_per_second" in run]
+    if not done:
+        return {}
+    summary: dict = {}
+    # what one session held at its fullest: its stored frames and tracker state per (object, frame)
+    sessions = [record["session"] for run in done for record in run["per_frame"] if "session" in record]
+    if not sessions:
+        return {}
+    held = max(sessions, key=lambda session: session["frames_held"])
+    summary["session per stored frame"] = round(held["frames_mb"] / max(held["frames_held"], 1), 2)
+    if held["object_frame_entries"]:
+        summary["session tracker state per object per frame"] = round(
+            held["object_state_mb"] / held["object_frame_entries"], 2
+        )
+    gpu = "peak_gpu_mb" in done[0]
+    peak, current = ("peak_gpu_mb", "gpu_allocated_mb") if gpu else ("peak_rss_mb", "rss_mb")
+    name = "peak GPU memory" if gpu else "peak RSS"
+    # within the longest session: memory in use after each frame
+    longest = max(done, key=lambda run: max(run["windows"]))
+    window = longest["per_frame"][: max(longest["windows"])]
+    per_frame = slope([(record["window_frame"], record[current]) for record in window if record["window_frame"]])
+    if per_frame is not None:
+        label = "GPU memory allocated" if gpu else "RSS"
+        summary[f"{label} after each frame, growth per frame within a session"] = round(per_frame, 1)
+    # peaks against frames per session, for each object count
+    for objects in sorted({run["objects_requested"] for run in done}, reverse=True):
+        points = [(max(run["windows"]), run[peak]) for run in done if run["objects_requested"] == objects]
+        per_frame = slope(points)
+        if per_frame is not None:
+            summary[f"{name} per session frame, {objects} objects"] = round(per_frame, 1)
+    # peaks against objects, for runs with the same windows; then those against frames per session
+    per_object_at: list[tuple[int, float]] = []
+    for windows in sorted({tuple(run["windows"]) for run in done}):
+        group = [run for run in done if tuple(run["windows"]) == windows]
+        per_object = slope([(run["objects_last_frame"], run[peak]) for run in group])
+        if per_object is not None:
+            summary[f"{name} per object, {max(windows)}-frame sessions"] = round(per_object, 1)
+            per_object_at.append((max(windows), per_object))
+    per_object_per_frame = slope(per_object_at)
+    if per_object_per_frame is not None:
+        summary[f"{name} per object per session frame"] = round(per_object_per_frame, 1)
+    return summary
+
+
+def full_size_table(runs: list[dict], summary: dict, device_line: str) -> str:
+    """Markdown: one row per run, then the memory summary."""
+    gpu = any("peak_gpu_mb" in run for run in runs)
+    lines = [
+        f"Full-size SAM3 (random weights) through process_segmentation.main() on a synthetic 1280x720 "
+        f"clip, every frame sampled, prompts {PROMPTS}. {device_line}.",
+        "",
+        "| objects (on last frame) | sampled frames | chunk frames | frames/s | first frame, model s "
+        "| later frames, s each (mean) | time outside the model | peak RSS |"
+        + (" peak GPU memory |" if gpu else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if gpu else ""),
+    ]
+    for run in runs:
+        shape = f"| {run['frames']} | {run['chunk_frames']} |"
+        if "frames_per_second" not in run:
+            lines.append(f"| {run['objects_requested']} {shape} {run.get('skipped') or run.get('failed')} |")
+            continue
+        later = [record["wall_s"] for record in run["per_frame"] if record["wall_s"] and record["window_frame"]]
+        lines.append(
+            f"| {run['objects_requested']} ({run['objects_last_frame']}) {shape} {run['frames_per_second']:.3g} "
+            f"| {run['per_frame'][0]['model_s']:.3g} | {f'{sum(later) / len(later):.3g}' if later else '-'} "
+            f"| {run['outside_model_share']:.0%} | {run['peak_rss_mb']:,} MB |"
+            + (f" {run['peak_gpu_mb']:,} MB |" if gpu else "")
+        )
+    lines.append("")
+    lines += [f"- {label}: {value} MB" for label, value in summary.items()]
+    return "\n".join(lines)
+
+
+def full_size_main(args: argparse.Namespace) -> int:
+    """Build the full-size model once, run the plan, print a table. The JSON is rewritten after
+    every run, and the table is written even when the run is stopped (SIGTERM, Ctrl-C)."""
+    started = time.monotonic()
+    import torch
+    import transformers
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no CUDA GPU")
+    if device == "cuda":
+        described = f"GPU: {torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        described = f"Machine: {machine(torch.get_num_threads())}, PyTorch {torch.__version__}"
+    deadline = args.deadline if args.deadline is not None else (CPU_DEADLINE_S if device == "cpu" else 0)
+    plan = full_size_plan(args, device)
+    report: dict = {
+        "device": f"{described}, transformers {transformers.__version__}",
+        "deadline_s": deadline,
+        "plan": plan,
+        "runs": [],
+        "summary": {},
+    }
+
+    def save() -> None:
+        report["total_seconds"] = round(time.monotonic() - started)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="sam3-bench-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"full-size SAM3 on {device}: {len(plan)} runs, logs in {log_dir}", file=sys.stderr, flush=True)
+    try:
+        build_full_size(args.cache_dir, max(args.objects), max(args.objects))
+        with tempfile.TemporaryDirectory() as scratch:
+            clip = write_clip(Path(scratch) / "clip.mp4", max(run["frames"] for run in plan))
+            for number, run in enumerate(plan, start=1):
+                name = f"{run['objects_requested']}obj-{run['frames']}f-chunk{run['chunk_frames']}"
+                expected = predicted_seconds(report["runs"], run["frames"])
+                if deadline and expected and time.monotonic() - started + expected > deadline:
+                    result = {"skipped": f"not run: ~{expected:.0f} s more would pass the {deadline:.0f} s limit"}
+                else:
+                    print(f"{number}/{len(plan)} - {name}", file=sys.stderr, flush=True)
+                    model_dir = build_full_size(args.cache_dir, run["objects_requested"], max(args.objects))
+                    log = log_dir / f"{name}.log"
+                    result = measure_full_size(
+                        clip, model_dir, run["frames"], run["chunk_frames"], device, args.dtype, log
+                    )
+                report["runs"].append({**run, **result})
+                report["summary"] = full_size_summary(report["runs"])
+                save()
+                brief = {key: value for key, value in report["runs"][-1].items() if key != "per_frame"}
+                print(json.dumps(brief), flush=True)
+    finally:
+        report["table"] = full_size_table(report["runs"], report["summary"], report["device"])
+        save()
+        print(report["table"], flush=True)
+    return 1 if any("failed" in run for run in report["runs"]) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--frames", type=int, nargs="+", default=[60, 600], help="sampled frame counts to measure"
+        "--frames",
+        type=int,
+        nargs="+",
+        help="sampled frame counts to measure (default 60 600; --full-size: 2 4 on the CPU, "
+        "one count on CUDA, default the largest --chunk-frames + 1)",
     )
     parser.add_argument("--size", default="1280x720", help="clip size WIDTHxHEIGHT")
     parser.add_argument("--objects-per-prompt", type=int, default=10, help="objects per prompt (2 prompts)")
@@ -221,13 +628,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--readme", type=Path, help="write the table between the benchmark markers of this file"
     )
-    parser.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
+    full = parser.add_argument_group("--full-size", "the full-size SAM3 through process_segmentation.main()")
+    full.add_argument("--full-size", action="store_true", help="measure the full-size random SAM3 instead")
+    full.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
+    full.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="passed to process_segmentation.py --dtype (default: not passed, its auto)",
+    )
+    full.add_argument(
+        "--objects",
+        type=int,
+        nargs="+",
+        default=FULL_SIZE_OBJECTS,
+        help="objects SAM3 reports, split over the 2 prompts; the first in every run, the others "
+        "(for memory per object) at each CPU frame count / the first GPU chunk size",
+    )
+    full.add_argument(
+        "--chunk-frames",
+        type=int,
+        nargs="+",
+        help=f"CUDA: process_segmentation.py --chunk-frames values, run in this order (default "
+        f"{' '.join(map(str, FULL_SIZE_CHUNKS))})",
+    )
+    full.add_argument("--smoke", action="store_true", help="one frame, the first object count only")
+    full.add_argument("--json", type=Path, help="write the results here (rewritten after every run)")
+    full.add_argument("--log-dir", type=Path, help="one log per run, a line per frame (default: a temp dir)")
+    full.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where the built model is kept (3.3 GB)")
+    full.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds: skip a run that, by the previous run's speed, would end later than this after the "
+        f"start (default {CPU_DEADLINE_S} on the CPU, none on CUDA; 0 = none)",
+    )
+    parser.add_argument("--worker", choices=("ours", "naive", "full"), help=argparse.SUPPRESS)
     parser.add_argument("--clip", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke and not args.full_size:
+        parser.error("--smoke goes with --full-size (the tiny model's smoke run is --small)")
+    if args.worker == "full":
+        result = run_full_size(
+            args.clip, args.model_dir, args.frames[0], args.chunk_frames[0], args.device, args.dtype
+        )
+        print(json.dumps(result))
+        return 0
     if args.worker:
         worker(args.worker, args.clip, args.model_dir, args.frames[0])
         return 0
+    if args.full_size:
+        return full_size_main(args)
+    args.frames = args.frames or [60, 600]
     if args.small:
         args.frames, args.size, args.objects_per_prompt = [3, 6], "320x180", 2
     width, height = map(int, args.size.split("x"))
