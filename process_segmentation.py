@@ -25,6 +25,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import hashlib
 import io
 import itertools
 import json
@@ -1167,10 +1168,47 @@ def read_record(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    """An output as the metadata lists it: its name, size and SHA-256 (to check a copy with)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def output_problems(folder: Path, metadata: dict[str, Any]) -> list[str]:
+    """What is wrong with the outputs a video's metadata lists: [] when each file is in `folder`
+    with its listed size.
+
+    The metadata is written last, but a bucket mount uploads several files at once, so a worker
+    lost at the wrong moment can leave the metadata without a file it lists, or with part of one.
+    Sizes need only a stat, which is cheap even on a bucket mount; the checksums are for copies.
+    """
+    outputs = metadata.get("outputs")
+    if not isinstance(outputs, dict) or "video" not in outputs:
+        return ["the metadata lists no outputs"]
+    problems = []
+    for key, entry in outputs.items():
+        listed = isinstance(entry, dict) and isinstance(entry.get("file"), str)
+        if not (listed and isinstance(entry.get("bytes"), int)):
+            problems.append(f"the metadata lists no size for its {key}")
+            continue
+        try:
+            size = (folder / entry["file"]).stat().st_size
+        except OSError:
+            problems.append(f"{entry['file']} is missing")
+            continue
+        if size != entry["bytes"]:
+            problems.append(f"{entry['file']} has {size} of its {entry['bytes']} bytes")
+    return problems
+
+
 def completed_metadata(paths: dict[str, Path]) -> dict[str, Any]:
-    """The video's metadata if it says complete and its MP4 is there, else {}."""
+    """The video's metadata if it says complete and every output it lists is whole, else {}."""
     metadata = read_record(paths["metadata"])
-    return metadata if metadata.get("status") == "complete" and paths["video"].is_file() else {}
+    complete = metadata.get("status") == "complete" and not output_problems(paths["folder"], metadata)
+    return metadata if complete else {}
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -1250,6 +1288,7 @@ def process_video(
                 frame_indices.append(sample.source_index)
                 progress.update()
         preview.save(local["preview"])
+        outputs = {key: file_record(local[key]) for key in products}
         for key in products:  # the metadata, written by the caller, comes last
             publish(local[key], paths[key])
 
@@ -1305,7 +1344,7 @@ def process_video(
         "processing_seconds": round(seconds, 3),
         "frames_per_second": round(len(timestamps) / seconds, 3) if seconds > 0 else None,
         "output_video": str(paths["video"]),
-        "outputs": {key: str(paths[key]) for key in products},
+        "outputs": outputs,
         "output_codec": "h264",
         "completed_at": now_iso(),
     }
@@ -1452,10 +1491,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     check_output_dir(args.output_dir)
     paths_of = {video: output_paths(args.output_dir, video.stem) for video in videos}
-    todo = [video for video in videos if args.overwrite or not completed_metadata(paths_of[video])]
+    todo = []
     for video in videos:
-        if video not in todo:
-            log(f"skip {video}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
+        paths = paths_of[video]
+        metadata = {} if args.overwrite else read_record(paths["metadata"])
+        if metadata.get("status") == "complete":
+            problems = output_problems(paths["folder"], metadata)
+            if not problems:
+                log(f"skip {video}: complete in {paths['folder']} (--overwrite to redo)")
+                continue
+            log(f"redo {video}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
+        todo.append(video)
     failures: list[str] = []
     for video in [video for video in todo if not video.is_file()]:  # fail these before the slow model load
         todo.remove(video)

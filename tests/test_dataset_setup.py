@@ -74,12 +74,16 @@ os.execv(sys.executable, [sys.executable, *args])
 """
 
 # uv: `venv` makes a venv whose activate puts the stand-ins first on PATH; `pip install` is logged
+# and fails, as uv does, on a requirements (-r) or constraints (-c) file that is not there
 # (FAIL_AT=torch fails the install from PyTorch's index, FAIL_AT=pip the one from requirements.txt).
 UV = """\
 import os, sys
 args = sys.argv[1:]
 with open(os.environ["STAND_IN_LOG"], "a") as calls:
     calls.write("uv " + " ".join(args) + "\\n")
+for flag, name in zip(args, args[1:]):
+    if flag in ("-r", "-c") and not os.path.isfile(name):
+        sys.exit(f"error: File not found: `{name}`")
 if args[0] == "venv":
     os.makedirs(os.path.join(args[-1], "bin"))
     with open(os.path.join(args[-1], "bin", "activate"), "w") as activate:
@@ -134,6 +138,7 @@ class Bench:
         self.workdir = root / "workdir"
         self.workdir.mkdir()
         shutil.copy(REPO / "requirements.txt", self.workdir)  # the torch step reads its pins
+        shutil.copy(REPO / "constraints.txt", self.workdir)
 
     def start(self, node: str = "node-a", script: str = "dataset-step.sh", **env: str) -> subprocess.Popen:
         tmpdir = self.root / node
@@ -283,7 +288,7 @@ def test_setup_rerun_reuses_venv_and_dataset(bench):
     assert status == 0, output
     assert bench.steps() == ["venv", "torch", "pip", "download", "weights", "device"]
     assert "--index-url https://download.pytorch.org/whl/cu130 " in bench.calls()[1]
-    assert "-r requirements.txt" in bench.calls()[2]
+    assert bench.calls()[2] == "uv pip install -r requirements.txt kaggle -c constraints.txt"
     assert bench.calls()[-1] == "device process_segmentation.py --check-device --device cuda"
     assert "cuda: NVIDIA L40S" in output
     bench.assert_complete()

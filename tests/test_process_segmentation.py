@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -605,3 +606,63 @@ def test_bfloat16_runs_the_whole_pipeline(tmp_path, tiny_model_dir, capsys):
     assert metadata["objects_per_prompt"] == {prompt: 1 for prompt in PROMPTS}
     _, frames = decode(tmp_path / "clip" / "clip_segmented.mp4")
     assert len(frames) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete means every output is whole
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metadata_lists_every_output_with_size_and_checksum(tmp_path, tiny_model_dir, capsys):
+    video = write_test_video(tmp_path / "clip.mp4", seconds=2.0)
+    code, stderr = run_cli(segment([video], tmp_path, tiny_model_dir), capsys)
+    assert code == 0, stderr
+    folder = tmp_path / "clip"
+    metadata = json.loads((folder / "clip_metadata.json").read_text())
+    written = {path.name for path in folder.iterdir()} - {"clip_metadata.json"}
+    assert {entry["file"] for entry in metadata["outputs"].values()} == written
+    for entry in metadata["outputs"].values():
+        data = (folder / entry["file"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("suffix", "damage"),
+    [
+        ("_tracks.jsonl", "delete"),
+        ("_tracks.jsonl", "cut-to-10-bytes"),
+        ("_segmented.mp4", "cut-to-10-bytes"),
+        ("_preview.jpg", "delete"),
+    ],
+    ids=["tracks-deleted", "tracks-cut", "mp4-cut", "preview-deleted"],
+)
+def test_video_with_a_missing_or_cut_output_is_not_done_and_is_redone(
+    tmp_path, tiny_model_dir, capsys, suffix, damage
+):
+    """What a worker lost while the bucket was still uploading leaves: metadata, but not every
+    file it lists, whole."""
+    video = write_test_video(tmp_path / "clip.mp4", seconds=2.0)
+    out = tmp_path / "out"
+    assert run_cli(segment([video], out, tiny_model_dir), capsys)[0] == 0
+    target = out / "clip" / f"clip{suffix}"
+    if damage == "delete":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:10])
+
+    assert ps.main(["--summarize", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["done"] == 0 and summary["counts"]["missing"] == 1
+    capsys.readouterr()
+
+    code, stderr = run_cli(segment([video], out, tiny_model_dir), capsys)
+    assert code == 0 and "skip" not in stderr
+    [redo] = [line for line in stderr.splitlines() if line.startswith("redo ")]
+    assert target.name in redo, redo
+    metadata = json.loads((out / "clip" / "clip_metadata.json").read_text())
+    assert ps.output_problems(out / "clip", metadata) == []
+    _, frames = decode(out / "clip" / "clip_segmented.mp4")
+    tracks = (out / "clip" / "clip_tracks.jsonl").read_text().splitlines()
+    assert len(frames) == len(tracks) == metadata["frames_processed"] == 2
+    code, stderr = run_cli(segment([video], out, tiny_model_dir), capsys)
+    assert code == 0 and "skip" in stderr, "whole again, so the next run skips it"

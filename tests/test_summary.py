@@ -42,16 +42,26 @@ def read_summary(output_dir: Path) -> tuple[dict, list[dict[str, str]]]:
 
 
 def lay_out(output_dir: Path, stem: str, files: dict[str, dict | str]) -> None:
-    """A video's folder as a run leaves it: suffix ("_metadata.json") -> JSON object or raw text."""
+    """A video's folder as a run leaves it: suffix ("_metadata.json") -> JSON object or raw text.
+
+    A metadata object's `outputs` name files by suffix and size ({"video": ("_segmented.mp4", 3)});
+    each becomes the record a run writes for that file.
+    """
     folder = output_dir / stem
     folder.mkdir(parents=True)
     for suffix, content in files.items():
+        if isinstance(content, dict) and "outputs" in content:
+            outputs = {
+                key: {"file": f"{stem}{name_suffix}", "bytes": size}
+                for key, (name_suffix, size) in content["outputs"].items()
+            }
+            content = {**content, "outputs": outputs}
         text = content if isinstance(content, str) else json.dumps(content)
         (folder / f"{stem}{suffix}").write_text(text)
 
 
 def complete(frames: int = 3, per_prompt: dict[str, int] | None = None) -> dict[str, dict | str]:
-    """The files of a video that is done: metadata saying complete, and its MP4."""
+    """The files of a video that is done: its MP4, and metadata saying complete that lists it."""
     per_prompt = {"soccer player": 2, "ball": 1} if per_prompt is None else per_prompt
     metadata = {
         "status": "complete",
@@ -59,6 +69,7 @@ def complete(frames: int = 3, per_prompt: dict[str, int] | None = None) -> dict[
         "objects_detected": sum(per_prompt.values()),
         "objects_per_prompt": per_prompt,
         "processing_seconds": 1.5,
+        "outputs": {"video": ("_segmented.mp4", 3)},
     }
     return {"_metadata.json": metadata, "_segmented.mp4": "mp4"}
 
@@ -127,6 +138,7 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
         ({**complete(), **FAILED}, "done"),
         (FAILED, "failed"),
         ({"_metadata.json": complete()["_metadata.json"]}, "missing"),
+        ({**complete(), "_segmented.mp4": "mp"}, "missing"),
         ({}, "missing"),
         ({"_metadata.json": '{"status": "compl'}, "missing"),
     ],
@@ -135,6 +147,7 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
         "complete-after-a-failure",
         "failed",
         "metadata-without-mp4",
+        "mp4-cut-short",
         "empty-folder",
         "torn-metadata",
     ],

@@ -90,7 +90,7 @@ def test_tracks_jsonl_masks_decode_to_what_the_overlay_drew(tracked_run):
             assert obj["prompt"] in PROMPTS and 0 < obj["score"] <= 1
             seen_ids.add(obj["id"])
     assert seen_ids == {o["id"] for o in metadata["objects"]}
-    assert metadata["outputs"]["tracks"] == str(folder / "derby_tracks.jsonl")
+    assert metadata["outputs"]["tracks"]["file"] == "derby_tracks.jsonl"
 
 
 def test_tracks_masks_are_the_masks_the_overlay_draws(tiny_model_dir):
