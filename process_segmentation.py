@@ -570,7 +570,8 @@ def display_transform(frame: av.VideoFrame) -> tuple[int, int, int, int]:
     matrix = np.frombuffer(bytes(side_data), dtype="<i4")
     a, b, _, c, d = (matrix[:5] / max(np.abs(matrix[[0, 1, 3, 4]]).max(), 1)).round().astype(int)
     signs = (int(a), int(b), int(c), int(d))
-    return signs if abs(a * d - b * c) == 1 and (a == 0) != (b == 0) else IDENTITY_TRANSFORM
+    permutation = sorted(map(abs, signs)) == [0, 0, 1, 1] and abs(a * d - b * c) == 1
+    return signs if permutation else IDENTITY_TRANSFORM
 
 
 def to_display(rgb: np.ndarray, transform: tuple[int, int, int, int]) -> np.ndarray:
@@ -1380,9 +1381,10 @@ def record_failure(video: Path, paths: dict[str, Path], error: BaseException) ->
 def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
     """One video's entry in the summary, from what its folder under `output_dir` holds.
 
-    done: complete metadata and its MP4 (`completed_metadata`); partial: the same, but decoding
-    stopped before the end of the video (a file cut short); failed: an error record;
-    missing: none of these (not started, in progress, interrupted, or no folder at all).
+    done: complete metadata with every output it lists whole (`completed_metadata`);
+    partial: the same, but decoding stopped before the end of the video (a file cut short);
+    failed: an error record; missing: none of these (not started, in progress, interrupted,
+    cut off while uploading, or no folder at all).
     """
     paths = output_paths(output_dir, stem)
     metadata = completed_metadata(paths)

@@ -53,13 +53,7 @@ def full_size_config(num_prompts: int = 2, objects_per_prompt: int = 10) -> Sam3
 def full_size_model(num_prompts: int = 2, objects_per_prompt: int = 10, seed: int = 0) -> Sam3VideoModel:
     """A random full-size SAM3 video model, in eval mode, that reports objects on every frame."""
     torch.manual_seed(seed)
-    model = Sam3VideoModel(full_size_config(num_prompts, objects_per_prompt)).eval()
-    with torch.no_grad():
-        # Without these the tracker calls its objects absent and some masks come out empty.
-        model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
-        model.detector_model.mask_decoder.mask_embedder.layers[-1].bias.fill_(1.0)
-        model.detector_model.mask_decoder.instance_projection.bias.fill_(1.0)
-    return model
+    return make_tiny_sam3.report_objects(Sam3VideoModel(full_size_config(num_prompts, objects_per_prompt)).eval())
 
 
 def full_size_processor() -> Sam3VideoProcessor:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -22,6 +26,32 @@ import make_tiny_sam3  # noqa: E402
 torch.set_num_threads(1)
 
 PITCH_GREEN = (40, 140, 60)
+
+
+def run_in_skypilot_venv(script: str, cases: list[dict[str, Any]], home: Path) -> list[Any]:
+    """Run tests/<script> with SkyPilot's interpreter ($SKYPILOT_PYTHON, else .venv-sky: its click
+    pin conflicts with transformers', see tests/requirements-sky.txt), `cases` as JSON on stdin
+    and `home` as HOME (`import sky` writes ~/.sky). Returns what it prints, parsed as JSON."""
+    python = Path(os.environ.get("SKYPILOT_PYTHON") or REPO / ".venv-sky" / "bin" / "python")
+    if not python.exists():
+        pytest.fail(
+            f"SkyPilot interpreter not found: {python}. These tests need `skypilot` (PyPI) in a separate venv: "
+            "python -m venv .venv-sky && .venv-sky/bin/pip install -r tests/requirements-sky.txt, "
+            "or set SKYPILOT_PYTHON."
+        )
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HOME=str(home), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
+    result = subprocess.run(
+        [str(python), str(REPO / "tests" / script)],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="session")

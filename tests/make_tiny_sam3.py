@@ -127,7 +127,12 @@ def tiny_model(
 ) -> Sam3VideoModel:
     """A random tiny SAM3 video model, in eval mode, that emits `objects_per_prompt` objects per prompt."""
     torch.manual_seed(seed)
-    model = Sam3VideoModel(tiny_config(num_prompts, objects_per_prompt, det_nms_thresh)).eval()
+    return report_objects(Sam3VideoModel(tiny_config(num_prompts, objects_per_prompt, det_nms_thresh)).eval())
+
+
+def report_objects(model: Sam3VideoModel) -> Sam3VideoModel:
+    """Fill three biases of a randomly initialised SAM3 so that it reports its objects on every
+    frame (with the zero thresholds of its config); returns the same model."""
     with torch.no_grad():
         # Without these the tracker calls its objects absent and some masks come out empty.
         model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)

@@ -92,3 +92,11 @@ def test_phone_rotation_tag_matches_ffmpeg_autorotate(tmp_path, rotate_tag):
     assert rgb.shape[:2] == (SIZE[::-1] if turned else SIZE)
     rotation, mirrored = ps.display_rotation(report.transform)
     assert (rotation, mirrored) == (rotate_tag, False)  # what ffprobe reports as the stream's rotation
+
+
+def test_odd_angle_display_matrix_is_ignored(tmp_path):
+    """A rotation by other than a multiple of 90 degrees: left as stored, as most players do."""
+    video = write_oriented(tmp_path / "clip.mp4", 45, False)
+    rgb, report = first_sample(video)
+    assert np.abs(rgb.astype(int) - marked_frame()).mean() < 3
+    assert ps.display_rotation(report.transform) == (0, False)

@@ -7,13 +7,13 @@ and prints JSON facts; one subprocess serves the whole module.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import run_in_skypilot_venv
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "my-test-bucket"
@@ -35,10 +35,6 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def skypilot_python() -> Path:
-    return Path(os.environ.get("SKYPILOT_PYTHON") or REPO / ".venv-sky" / "bin" / "python")
-
-
 @pytest.fixture(scope="module")
 def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HOME for SkyPilot (`import sky` writes ~/.sky), with the Kaggle credentials the YAMLs mount."""
@@ -51,30 +47,8 @@ def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def facts(sky_home: Path) -> dict[str, dict[str, Any]]:
     """What SkyPilot parsed for each entry of CASES."""
-    python = skypilot_python()
-    if not python.exists():
-        pytest.fail(
-            f"SkyPilot interpreter not found: {python}. These tests need `skypilot` (PyPI) in a separate venv: "
-            "python -m venv .venv-sky && .venv-sky/bin/pip install skypilot, or set SKYPILOT_PYTHON."
-        )
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-    }
-    env.update(HOME=str(sky_home), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
     cases = [{**case, "yaml": str(REPO / case["yaml"])} for case in CASES.values()]
-    result = subprocess.run(
-        [str(python), str(REPO / "tests" / "sky_inspect.py")],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, f"sky_inspect.py failed:\n{result.stderr[-4000:]}"
-    return dict(zip(CASES, json.loads(result.stdout)))
+    return dict(zip(CASES, run_in_skypilot_venv("sky_inspect.py", cases, sky_home), strict=True))
 
 
 def ok(facts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:

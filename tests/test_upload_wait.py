@@ -15,13 +15,14 @@ i.e. after the wait has polled once and found uploads still running.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_in_skypilot_venv
 from test_job_shares import PROMPTS, completed, make_clips, venv_dir  # noqa: F401 (venv_dir: a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,8 +74,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def composed(root: Path, tiny_model_dir: Path) -> dict[tuple[str, str], str]:
     """(yaml, folder) -> the script SkyPilot runs for that YAML, launched with --env for that folder."""
-    python = Path(os.environ.get("SKYPILOT_PYTHON") or REPO / ".venv-sky" / "bin" / "python")
-    assert python.exists(), f"SkyPilot interpreter not found: {python} (see test_skypilot_yamls.py)"
     cases = [
         {
             "yaml": str(REPO / YAMLS[yaml]),
@@ -93,24 +92,8 @@ def composed(root: Path, tiny_model_dir: Path) -> dict[tuple[str, str], str]:
     for case in cases:  # the job YAML declares no bucket
         if case["yaml"].endswith(YAMLS["job"]):
             del case["env"]["OUTPUT_BUCKET_NAME"]
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-    }
-    env.update(HOME=str(root / "sky-home"), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
     (root / "sky-home").mkdir()
-    result = subprocess.run(
-        [str(python), str(REPO / "tests" / "sky_task_script.py")],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, f"sky_task_script.py failed:\n{result.stderr[-4000:]}"
-    scripts = json.loads(result.stdout)
+    scripts = run_in_skypilot_venv("sky_task_script.py", cases, root / "sky-home")
     for case, script in zip(CASES, scripts, strict=True):
         assert "error" not in script, f"SkyPilot rejected {case}: {script['error']}"
     return {case: script["script"] for case, script in zip(CASES, scripts, strict=True)}
