@@ -1,12 +1,14 @@
 """Track every object that matches a few text prompts through videos with SAM3.
 
-For each video this writes, under OUTPUT_DIR/<stem>/:
-  <stem>_segmented.mp4   H.264 (yuv420p, faststart) with each object's mask, box, ID and prompt drawn
-  <stem>_tracks.jsonl    per frame: each object's ID, prompt, score, box and COCO RLE mask
-  <stem>_mot.txt         the boxes in MOTChallenge format
-  <stem>_preview.jpg     a contact sheet of six overlay frames
-  <stem>_metadata.json   what was processed and found; written last, so its presence means "complete"
-  <stem>_error.json      only when the video failed: one line saying why
+Each video has a key: its path inside the folder it was found in, without the extension
+("train/10001/en"), or the file name without the extension for a video given as a file. For each
+video this writes, under OUTPUT_DIR/<key>/, with <name> the key's last part ("en"):
+  <name>_segmented.mp4   H.264 (yuv420p, faststart) with each object's mask, box, ID and prompt drawn
+  <name>_tracks.jsonl    per frame: each object's ID, prompt, score, box and COCO RLE mask
+  <name>_mot.txt         the boxes in MOTChallenge format
+  <name>_preview.jpg     a contact sheet of six overlay frames
+  <name>_metadata.json   what was processed and found; written last, so its presence means "complete"
+  <name>_error.json      only when the video failed: one line saying why
 
 Usage:
   python process_segmentation.py match.mp4
@@ -33,6 +35,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -106,6 +109,15 @@ class UsageError(Exception):
 
 class VideoError(Exception):
     """A problem with one input video that a user can fix; it fails that video only."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    """One input video and the key that names its results."""
+
+    path: Path
+    key: str  # "/"-separated path inside the folder it was found in, without extension: "train/10001/en"
+    size: int | None  # bytes when listed; None when it is not a file (it then fails with its own record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,66 +308,99 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def collect_videos(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to their video files (recursively, sorted).
+def is_hidden(name: str) -> bool:
+    """Dot files and folders, and the __MACOSX folder of zips made on a Mac (its `._x.mp4` files
+    are resource forks, not videos)."""
+    return name.startswith(".") or name == "__MACOSX"
 
-    A path that does not exist is kept, so that it fails as a video with its own error record.
+
+def file_size(path: Path) -> int | None:
+    """The size of a regular file (following symlinks), or None when `path` is not one."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def find_videos(folder: Path, output_dir: Path) -> list[Video]:
+    """The videos below `folder`, sorted by path, keyed by their path inside it.
+
+    Results are never inputs: `output_dir` is not searched where it lies below `folder`, and where
+    `folder` is `output_dir` or lies in it, the result videos there (`<name>/<name>_segmented.mp4`)
+    are left out. So are hidden files and folders. Symlinked folders are not followed (as
+    `Path.rglob`); symlinked files are.
     """
-    videos: list[Path] = []
+    # Compared resolved (symlinks, `..`); the folders walked are real ones, so `root / inside` is theirs.
+    root, results = folder.resolve(), output_dir.resolve()
+    in_output = results == root or results in root.parents
+    skip = results.relative_to(root) if root in results.parents else None
+    videos = []
+    for parent, folders, files in os.walk(folder):
+        here, inside = Path(parent), Path(os.path.relpath(parent, folder))
+        folders[:] = [name for name in folders if not is_hidden(name) and inside / name != skip]
+        result = output_paths(here.parent, here.name)["video"].name if in_output else None
+        for name in files:
+            path = here / name
+            if is_hidden(name) or name == result or path.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            size = file_size(path)
+            if size is not None:
+                videos.append(Video(path, (inside / name).with_suffix("").as_posix(), size))
+    return sorted(videos, key=lambda video: video.path)
+
+
+def collect_videos(inputs: Sequence[Path], output_dir: Path) -> list[Video]:
+    """Files as given (keyed by name without extension), folders expanded to their videos
+    (`find_videos`: never results in `output_dir`), each video once.
+
+    A hidden file given as such is ignored. A path that does not exist is kept, so that it fails as
+    a video with its own error record.
+    """
+    videos: dict[str, Video] = {}  # by absolute path, the first key found for it
     for path in inputs:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+            found = find_videos(path, output_dir)
             if not found:
                 raise UsageError(f"{path}: folder has no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
-            videos.extend(found)
+        elif is_hidden(path.name) or "__MACOSX" in path.parts:
+            log(f"ignore {path}: a hidden file (such as macOS's ._ files), not a video")
+            continue
         else:
-            videos.append(path)
-    videos = list(dict.fromkeys(videos))
-    stems: dict[str, Path] = {}
-    for video in videos:
-        if video.stem in stems:
+            found = [Video(path, path.stem, file_size(path))]
+        for video in found:
+            videos.setdefault(os.path.abspath(video.path), video)
+    keys: dict[str, Video] = {}
+    for video in videos.values():
+        if video.key in keys:
             raise UsageError(
-                f"{video} and {stems[video.stem]} would both write to <output-dir>/{video.stem}/: rename one"
+                f"{video.path} and {keys[video.key].path} would both write to <output-dir>/{video.key}/: "
+                "give the folder that holds both (their keys then include their own folders), "
+                "or give each its own --output-dir"
             )
-        stems[video.stem] = video
-    return videos
+        keys[video.key] = video
+    return list(videos.values())
 
 
-def probe_duration(path: Path) -> float | None:
-    """Duration in seconds from the container header, without decoding; None if unknown."""
-    try:
-        with av.open(str(path)) as container:
-            if container.duration:
-                return container.duration / av.time_base
-            stream = container.streams.video[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-    except (av.FFmpegError, IndexError, OSError):
-        pass
-    return None
+def select_shard(videos: Sequence[Video], shard_index: int, num_shards: int) -> list[Video]:
+    """This shard's videos, in their order: largest file first to the least-loaded shard.
 
-
-def select_shard(videos: Sequence[Path], shard_index: int, num_shards: int) -> list[Path]:
-    """This shard's videos: largest first to the least-loaded shard, by duration (else file size).
-
-    Deterministic, so a recovered job with the same index picks the same videos; every video
-    lands in exactly one shard, and no shard exceeds the ideal load by more than one video.
+    Weighed by file size as listed, which every job reads the same way; a duration needs each file
+    opened, and a read that fails on one worker only would give that job different shares. A file
+    that is missing weighs nothing. Deterministic (ties go by key), so a recovered job with the same
+    index picks the same videos; every video lands in exactly one shard, and no shard exceeds the
+    ideal load by more than one video.
     """
     if num_shards == 1:
         return list(videos)
-    durations = [probe_duration(video) for video in videos]
-    if all(duration is not None for duration in durations):
-        weights = durations
-    else:  # a mix of seconds and bytes would be meaningless; a missing file weighs nothing
-        weights = [video.stat().st_size if video.is_file() else 0 for video in videos]
-    loads = [0.0] * num_shards
-    mine: list[Path] = []
-    for weight, video in sorted(zip(weights, videos, strict=True), key=lambda item: (-item[0], str(item[1]))):
+    loads = [0] * num_shards
+    mine: set[str] = set()
+    for video in sorted(videos, key=lambda video: (-(video.size or 0), video.key)):
         shard = min(range(num_shards), key=lambda index: (loads[index], index))
-        loads[shard] += weight
+        loads[shard] += video.size or 0
         if shard == shard_index:
-            mine.append(video)
-    return sorted(mine)
+            mine.add(video.key)
+    return [video for video in videos if video.key in mine]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1146,17 +1191,18 @@ class PreviewSheet:
         path.write_bytes(jpeg.tobytes())
 
 
-def output_paths(output_dir: Path, stem: str) -> dict[str, Path]:
-    """Where the results of the video named `stem` go."""
-    folder = output_dir / stem
+def output_paths(output_dir: Path, key: str) -> dict[str, Path]:
+    """Where the results of the video with `key` go: OUTPUT_DIR/train/10001/en/en_segmented.mp4, ..."""
+    folder = output_dir / key
+    name = folder.name
     return {
         "folder": folder,
-        "video": folder / f"{stem}_segmented.mp4",
-        "tracks": folder / f"{stem}_tracks.jsonl",
-        "mot": folder / f"{stem}_mot.txt",
-        "preview": folder / f"{stem}_preview.jpg",
-        "metadata": folder / f"{stem}_metadata.json",
-        "error": folder / f"{stem}_error.json",
+        "video": folder / f"{name}_segmented.mp4",
+        "tracks": folder / f"{name}_tracks.jsonl",
+        "mot": folder / f"{name}_mot.txt",
+        "preview": folder / f"{name}_preview.jpg",
+        "metadata": folder / f"{name}_metadata.json",
+        "error": folder / f"{name}_error.json",
     }
 
 
@@ -1205,6 +1251,18 @@ def output_problems(folder: Path, metadata: dict[str, Any]) -> list[str]:
     return problems
 
 
+def source_change(metadata: dict[str, Any], video: Video) -> str | None:
+    """How the input now at a key differs from the one its results were made from, or None when
+    it is the same or not known (metadata written before it recorded the source's size)."""
+    name = metadata.get("source_name", metadata.get("video_name"))
+    if isinstance(name, str) and name != video.path.name:
+        return f"made from {name}, not {video.path.name}"
+    size = metadata.get("source_bytes")
+    if isinstance(size, int) and video.size is not None and size != video.size:
+        return f"made from a file of {size} bytes, {video.path.name} has {video.size}"
+    return None
+
+
 def completed_metadata(paths: dict[str, Path]) -> dict[str, Any]:
     """The video's metadata if it says complete and every output it lists is whole, else {}."""
     metadata = read_record(paths["metadata"])
@@ -1232,14 +1290,16 @@ def now_iso() -> str:
 
 
 def process_video(
-    video: Path, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace
+    video: Video, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Segment one video: decode -> SAM3 -> overlay -> encode, frame by frame. Returns its metadata."""
     started = time.monotonic()
+    source = video.path
     try:
-        container = av.open(str(video))
+        source_bytes = source.stat().st_size
+        container = av.open(str(source))
     except (av.FFmpegError, OSError) as error:
-        raise VideoError(f"{video}: not a readable video: {one_line(error)}") from None
+        raise VideoError(f"{source}: not a readable video: {one_line(error)}") from None
 
     paths["folder"].mkdir(parents=True, exist_ok=True)
     products = ["video", "preview", *(["tracks", "mot"] if args.tracks else [])]
@@ -1252,7 +1312,7 @@ def process_video(
     frame_indices: list[int] = []
     report = DecodeReport()
     with container, tempfile.TemporaryDirectory(prefix="sam3-") as scratch:
-        info = read_video_info(container, video)
+        info = read_video_info(container, source)
         fps_out = output_rate(args.sample_fps, info.fps)
         expected = math.ceil(info.duration * fps_out) if info.duration else None
         if args.max_frames and expected:
@@ -1261,9 +1321,9 @@ def process_video(
         try:
             first = next(frames, None)
         except av.FFmpegError as error:
-            raise VideoError(f"{video}: cannot decode: {one_line(error)}") from None
+            raise VideoError(f"{source}: cannot decode: {one_line(error)}") from None
         if first is None:
-            raise VideoError(f"{video}: no frames could be decoded")
+            raise VideoError(f"{source}: no frames could be decoded")
         size = first.rgb.shape[:2]  # as displayed: (H, W) after the display matrix
         local = {key: Path(scratch) / paths[key].name for key in products}
         preview = PreviewSheet(size)
@@ -1273,7 +1333,7 @@ def process_video(
                 stack.enter_context(TrackWriter(local["tracks"], local["mot"], size)) if args.tracks else None
             )
             progress = stack.enter_context(
-                tqdm(total=expected, unit="frame", desc=video.stem, leave=False, dynamic_ncols=True)
+                tqdm(total=expected, unit="frame", desc=video.key, leave=False, dynamic_ncols=True)
             )
             for sample, detections in track_objects(
                 segmenter, itertools.chain([first], frames), args.prompts, size, args.chunk_frames, windows
@@ -1298,8 +1358,11 @@ def process_video(
     objects = sorted(tracks.values(), key=lambda track: track.object_id)
     return {
         "status": "complete",
-        "video_name": video.name,
-        "source_path": str(video),
+        "key": video.key,
+        "video_name": source.name,
+        "source_path": str(source),
+        "source_name": source.name,
+        "source_bytes": source_bytes,
         "width": size[1],
         "height": size[0],
         "stored_width": info.width,
@@ -1351,17 +1414,18 @@ def process_video(
     }
 
 
-def record_failure(video: Path, paths: dict[str, Path], error: BaseException) -> str:
-    """Write <stem>_error.json and return the one line to show."""
+def record_failure(video: Video, paths: dict[str, Path], error: BaseException) -> str:
+    """Write <name>_error.json and return the one line to show."""
     message = (
         one_line(error)
         if isinstance(error, VideoError)
-        else f"{video}: {type(error).__name__}: {one_line(error)}"
+        else f"{video.path}: {type(error).__name__}: {one_line(error)}"
     )
     record = {
         "status": "failed",
-        "video_name": video.name,
-        "source_path": str(video),
+        "key": video.key,
+        "video_name": video.path.name,
+        "source_path": str(video.path),
         "error": message,
         "failed_at": now_iso(),
     }
@@ -1378,7 +1442,23 @@ def record_failure(video: Path, paths: dict[str, Path], error: BaseException) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
+def result_keys(output_dir: Path) -> set[str]:
+    """The keys of the videos `output_dir` holds results or error records of: the folders below it,
+    at any depth, that hold a file this script names after the folder (`en/en_metadata.json`).
+    Other folders (logs, temporary files) are not videos."""
+    keys = set()
+    for parent, folders, files in os.walk(output_dir):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        key = Path(os.path.relpath(parent, output_dir)).as_posix()
+        if key == ".":
+            continue
+        paths = output_paths(output_dir, key)
+        if not set(files).isdisjoint(path.name for kind, path in paths.items() if kind != "folder"):
+            keys.add(key)
+    return keys
+
+
+def summary_row(output_dir: Path, key: str) -> dict[str, Any]:
     """One video's entry in the summary, from what its folder under `output_dir` holds.
 
     done: complete metadata with every output it lists whole (`completed_metadata`);
@@ -1386,7 +1466,7 @@ def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
     failed: an error record; missing: none of these (not started, in progress, interrupted,
     cut off while uploading, or no folder at all).
     """
-    paths = output_paths(output_dir, stem)
+    paths = output_paths(output_dir, key)
     metadata = completed_metadata(paths)
     failure = {} if metadata else read_record(paths["error"])
     if metadata:
@@ -1396,7 +1476,7 @@ def summary_row(output_dir: Path, stem: str) -> dict[str, Any]:
     else:
         status = "missing"
     return {
-        "video": stem,
+        "video": key,
         "status": status,
         "frames_processed": metadata.get("frames_processed"),
         "objects_detected": metadata.get("objects_detected"),
@@ -1442,17 +1522,16 @@ def print_summary(output_dir: Path, counts: dict[str, int], rows: Sequence[dict[
 def summarize(output_dir: Path, inputs: Sequence[Path]) -> int:
     """Write summary.json and summary.csv into `output_dir` and print the counts.
 
-    Videos among `inputs` (files or folders, as for a run) that have no folder count as missing.
+    The videos are those `output_dir` holds results or error records of (`result_keys`), and those
+    among `inputs` (files or folders, as for a run), which count as missing when they have neither.
     A report: it exits 0 even when videos failed. Jobs may run it at the same time.
     """
     if not output_dir.is_dir():
         raise UsageError(f"{output_dir}: no such output folder to summarize")
-    videos = collect_videos(inputs)
+    videos = collect_videos(inputs, output_dir)
     try:
-        folders = {
-            path.name for path in output_dir.iterdir() if path.is_dir() and not path.name.startswith(".")
-        }
-        rows = [summary_row(output_dir, stem) for stem in sorted(folders | {video.stem for video in videos})]
+        keys = result_keys(output_dir) | {video.key for video in videos}
+        rows = [summary_row(output_dir, key) for key in sorted(keys)]
         counts = {
             status: sum(row["status"] == status for row in rows)
             for status in ("done", "partial", "failed", "missing")
@@ -1482,32 +1561,36 @@ def run(args: argparse.Namespace) -> int:
     # Before anything else: a worker that cannot see its GPU must fail now, not crawl for hours.
     device = choose_device(args.device)
     dtype = choose_dtype(args.dtype, device)
-    videos = collect_videos(args.inputs)
+    videos = collect_videos(args.inputs, args.output_dir)
     videos = select_shard(videos, args.shard_index, args.num_shards)
     if args.num_shards > 1:
         log(
-            f"shard {args.shard_index}/{args.num_shards}: {len(videos)} videos: {', '.join(v.name for v in videos)}"
+            f"shard {args.shard_index}/{args.num_shards}: {len(videos)} videos: {', '.join(v.key for v in videos)}"
         )
     if not videos:
         log("nothing to do: this shard has no videos")
         return EXIT_OK
     check_output_dir(args.output_dir)
-    paths_of = {video: output_paths(args.output_dir, video.stem) for video in videos}
+    paths_of = {video: output_paths(args.output_dir, video.key) for video in videos}
     todo = []
     for video in videos:
         paths = paths_of[video]
         metadata = {} if args.overwrite else read_record(paths["metadata"])
         if metadata.get("status") == "complete":
             problems = output_problems(paths["folder"], metadata)
-            if not problems:
-                log(f"skip {video}: complete in {paths['folder']} (--overwrite to redo)")
+            change = source_change(metadata, video)
+            if not problems and not change:
+                log(f"skip {video.path}: complete in {paths['folder']} (--overwrite to redo)")
                 continue
-            log(f"redo {video}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
+            if change:
+                log(f"redo {video.path}: the results in {paths['folder']} were {change}")
+            else:
+                log(f"redo {video.path}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
         todo.append(video)
     failures: list[str] = []
-    for video in [video for video in todo if not video.is_file()]:  # fail these before the slow model load
+    for video in [video for video in todo if video.size is None]:  # fail these before the slow model load
         todo.remove(video)
-        failures.append(record_failure(video, paths_of[video], VideoError(f"{video}: no such file")))
+        failures.append(record_failure(video, paths_of[video], VideoError(f"{video.path}: no such file")))
         log(f"FAILED {failures[-1]}")
     if not todo:
         return EXIT_FAILED if failures else EXIT_OK
@@ -1519,7 +1602,7 @@ def run(args: argparse.Namespace) -> int:
 
     for number, video in enumerate(tqdm(todo, unit="video", desc="videos", dynamic_ncols=True), start=1):
         paths = paths_of[video]
-        log(f"{number}/{len(todo)} - {video}")
+        log(f"{number}/{len(todo)} - {video.path}")
         try:
             metadata = process_video(video, paths, segmenter, args)
         except Exception as error:  # one bad video never stops the others
@@ -1530,12 +1613,12 @@ def run(args: argparse.Namespace) -> int:
         paths["error"].unlink(missing_ok=True)
         if metadata["decode_error"]:
             log(
-                f"warning: {video}: decoding stopped after {metadata['sampled_timestamps'][-1]:.1f} s "
+                f"warning: {video.path}: decoding stopped after {metadata['sampled_timestamps'][-1]:.1f} s "
                 f"({metadata['frames_processed']} of ~{metadata['frames_expected']} frames kept): "
                 f"{metadata['decode_error']}"
             )
         log(
-            f"done {video.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
+            f"done {video.path.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
             f"{metadata['objects_per_prompt']}, {metadata['frames_per_second']} frames/s -> {paths['video']}"
         )
     log(f"{len(videos) - len(failures)} of {len(videos)} videos complete, {len(failures)} failed")

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# Name -> seconds. Names sort against durations, so cutting the sorted list into equal counts
-# (the upstream example's way) would give one share 10 s and another 3 s.
+# Name -> seconds. Names sort against durations (and file sizes), so cutting the sorted list into
+# equal counts (the upstream example's way) would give one share 10 s and another 3 s.
 CLIPS = {"a1": 4, "a2": 3, "a3": 3, "b1": 2, "b2": 2, "b3": 2, "c1": 1, "c2": 1, "c3": 1}
 FEW_CLIPS = {"a1": 4, "b1": 2, "c1": 1}
 PROMPTS = ["soccer player", "ball"]
@@ -143,14 +143,17 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
             assert metadata["prompts"] == PROMPTS
             assert metadata["frames_processed"] == clips[stem]  # 1 frame per second of video
 
+    # Shares are weighed by file size, which every job reads the same way.
+    sizes = {stem: (videos / f"{stem}.mp4").stat().st_size for stem in clips}
+    loads = [sum(sizes[stem] for stem in share) for share in names]
+    ideal = sum(sizes.values()) / num_jobs
+    largest = max(range(num_jobs), key=lambda rank: loads[rank])
+    # Within one video of the ideal: without its last (smallest) video, the largest share is at most ideal.
+    assert loads[largest] - min(sizes[stem] for stem in names[largest]) <= ideal, (loads, ideal)
     seconds = [sum(clips[stem] for stem in share) for share in names]
-    ideal = sum(clips.values()) / num_jobs
-    largest = max(range(num_jobs), key=lambda rank: seconds[rank])
-    # Within one video of the ideal: without its last (shortest) video, the largest share is at most ideal.
-    assert seconds[largest] - min(clips[stem] for stem in names[largest]) <= ideal, (seconds, ideal)
     print(
         f"\n{num_jobs} jobs, {len(clips)} videos ({sum(clips.values())} s): videos per share "
-        f"{[len(share) for share in names]}, seconds per share {seconds}, ideal {ideal:.2f} s: {names}"
+        f"{[len(share) for share in names]}, seconds per share {seconds}, bytes per share {loads}: {names}"
     )
 
     # A recovered job (same rank) finds its videos complete and does nothing.

@@ -272,11 +272,16 @@ def test_folder_and_files_share_one_model_load_and_rerun_skips(tmp_path, tiny_mo
     code, stderr = run_cli(segment([videos, extra], out, tiny_model_dir), capsys)
     assert code == 0, stderr
     assert len(loads) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+    # keyed by their path inside the folder given: half2/a.mov -> out/half2/a/a_segmented.mp4
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_segmented.mp4")) == [
+        "b/b_segmented.mp4",
+        "c/c_segmented.mp4",
+        "half2/a/a_segmented.mp4",
+    ]
     assert stderr.index("1/3 - " + str(videos / "b.mp4")) < stderr.index(
         "2/3 - " + str(videos / "half2" / "a.mov")
     )
-    outputs = sorted(out.glob("*/*_segmented.mp4")) + sorted(out.glob("*/*_metadata.json"))
+    outputs = sorted(out.rglob("*_segmented.mp4")) + sorted(out.rglob("*_metadata.json"))
     stamps = {path: path.stat().st_mtime_ns for path in outputs}
 
     code, stderr = run_cli(segment([videos, extra], out, tiny_model_dir), capsys)

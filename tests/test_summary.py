@@ -139,7 +139,7 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
         (FAILED, "failed"),
         ({"_metadata.json": complete()["_metadata.json"]}, "missing"),
         ({**complete(), "_segmented.mp4": "mp"}, "missing"),
-        ({}, "missing"),
+        ({"_segmented.mp4": "mp4"}, "missing"),
         ({"_metadata.json": '{"status": "compl'}, "missing"),
     ],
     ids=[
@@ -148,7 +148,7 @@ def test_summary_counts_match_folder_after_run_with_failing_video(
         "failed",
         "metadata-without-mp4",
         "mp4-cut-short",
-        "empty-folder",
+        "mp4-without-metadata",
         "torn-metadata",
     ],
 )
