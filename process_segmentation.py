@@ -543,10 +543,9 @@ def enable_sam3_postprocessing() -> str:
             sam3._load_cv_utils_kernel_once()
         finally:
             logger.setLevel(level)
-    if isinstance(sam3.cv_utils_kernel, LocalCvUtils) or not sam3.cv_utils_kernel:
+    if not sam3.cv_utils_kernel:
         sam3.cv_utils_kernel = LocalCvUtils()
-        return "local"
-    return "kernels"
+    return "local" if isinstance(sam3.cv_utils_kernel, LocalCvUtils) else "kernels"
 
 
 def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) -> Segmenter:
@@ -1296,7 +1295,6 @@ def process_video(
     started = time.monotonic()
     source = video.path
     try:
-        source_bytes = source.stat().st_size
         container = av.open(str(source))
     except (av.FFmpegError, OSError) as error:
         raise VideoError(f"{source}: not a readable video: {one_line(error)}") from None
@@ -1362,7 +1360,7 @@ def process_video(
         "video_name": source.name,
         "source_path": str(source),
         "source_name": source.name,
-        "source_bytes": source_bytes,
+        "source_bytes": video.size,  # as listed, which is what the next run compares
         "width": size[1],
         "height": size[0],
         "stored_width": info.width,

@@ -41,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from synthetic_video import write_test_video  # noqa: E402  (no pytest: it runs on a bare GPU machine too)
+
 PROMPTS = ["soccer player", "ball"]
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 MEMORY_HEADROOM = 0.6  # run the naive approach only when its estimated RSS fits in this share of RAM
@@ -369,28 +371,6 @@ def run_full_size(
     return result
 
 
-def write_clip(path: Path, frames: int, size: tuple[int, int] = (1280, 720), fps: int = 25) -> Path:
-    """An H.264 clip of `frames` frames: a green pitch with ten moving blocks. No pytest needed
-    (tests/conftest.py imports it), so the GPU machine can run this without test dependencies."""
-    import av
-    import numpy as np
-
-    width, height = size
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(frames):
-            rgb = np.empty((height, width, 3), dtype=np.uint8)
-            rgb[:] = (40, 140, 60)
-            for block in range(10):
-                x = (index * (block + 2) * 3 + block * width // 10) % (width - 40)
-                y = height // 12 + block * height // 12
-                rgb[y : y + 80, x : x + 40] = (200, 30, 30) if block % 2 else (30, 30, 200)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
-
-
 def build_full_size(cache_dir: Path, objects: int, most_objects: int) -> Path:
     """The full-size random SAM3 with one detection query per object of `most_objects`, split over
     the prompts, tracking at most `objects` objects. The weights are built and saved once (~3.3 GB);
@@ -586,7 +566,8 @@ def full_size_main(args: argparse.Namespace) -> int:
     try:
         build_full_size(args.cache_dir, max(args.objects), max(args.objects))
         with tempfile.TemporaryDirectory() as scratch:
-            clip = write_clip(Path(scratch) / "clip.mp4", max(run["frames"] for run in plan))
+            frames = max(run["frames"] for run in plan)
+            clip = write_test_video(Path(scratch) / "clip.mp4", seconds=frames / 25, fps=25, size=(1280, 720))
             for number, run in enumerate(plan, start=1):
                 name = f"{run['objects_requested']}obj-{run['frames']}f-chunk{run['chunk_frames']}"
                 expected = predicted_seconds(report["runs"], run["frames"])
@@ -685,7 +666,6 @@ def main(argv: list[str] | None = None) -> int:
     objects = 2 * args.objects_per_prompt
 
     import make_tiny_sam3
-    from conftest import write_test_video
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = make_tiny_sam3.save_tiny_sam3(
