@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import process_segmentation as ps
+from sam3_pipeline.dataset import collect_videos, select_shard
 from test_job_shares import run_block, snapshot, venv_dir  # noqa: F401 (fixtures)
 from test_summary import FAILED, complete, lay_out, read_summary, run_cli
 
@@ -206,7 +207,7 @@ def test_output_folder_inside_the_input_folder_is_never_read(tmp_path, tiny_mode
     # The same folder by other names: compared resolved.
     (tmp_path / "link").symlink_to(results)
     for other in (tmp_path / "link", videos / ".." / "videos" / "results"):
-        assert [video.key for video in ps.collect_videos([videos], other)] == ["match"]
+        assert [video.key for video in collect_videos([videos], other)] == ["match"]
     assert ps.main(["--summarize", str(results), str(videos)]) == 0
     assert [row["video"] for row in read_summary(results)[0]["videos"]] == ["match"]
 
@@ -220,7 +221,7 @@ def test_output_folder_that_is_the_input_folder_gives_no_inputs(tmp_path, tiny_m
         assert code == 0, stderr
     assert skipped(stderr) == [str(videos / "day1" / "half1.mp4"), str(videos / "match.mp4")]
     assert set(result_files(videos)) == {"match.mp4", "day1/half1.mp4", *expected_files(["match", "day1/half1"])}
-    assert [video.key for video in ps.collect_videos([videos / "day1"], videos)] == ["half1"]
+    assert [video.key for video in collect_videos([videos / "day1"], videos)] == ["half1"]
 
 
 def test_current_folder_with_the_default_output_folder(tmp_path, tiny_model_dir, make_video, monkeypatch, capsys):
@@ -307,8 +308,8 @@ def test_shares_do_not_change_when_a_duration_probe_fails(tmp_path, make_video, 
     videos = make_dataset(tmp_path / "videos", clips, make_video)
 
     def shares() -> list[list[str]]:
-        found = ps.collect_videos([videos], tmp_path / "out")
-        return [[video.key for video in ps.select_shard(found, rank, 3)] for rank in range(3)]
+        found = collect_videos([videos], tmp_path / "out")
+        return [[video.key for video in select_shard(found, rank, 3)] for rank in range(3)]
 
     everywhere = shares()
     assert sorted(sum(everywhere, [])) == sorted(clips)

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-import process_segmentation as ps
+from sam3_pipeline.video_io import DecodeReport, display_rotation, sample_frames
 
 SIZE = (48, 80)  # stored (H, W): landscape, so a quarter turn shows as portrait
 
@@ -42,10 +42,10 @@ def write_oriented(path: Path, degrees: int, hflip: bool) -> Path:
     return path
 
 
-def first_sample(path: Path) -> tuple[np.ndarray, ps.DecodeReport]:
-    report = ps.DecodeReport()
+def first_sample(path: Path) -> tuple[np.ndarray, DecodeReport]:
+    report = DecodeReport()
     with av.open(str(path)) as container:
-        sample = next(ps.sample_frames(container, sample_fps=0, max_frames=1, report=report))
+        sample = next(sample_frames(container, sample_fps=0, max_frames=1, report=report))
     return sample.rgb, report
 
 
@@ -61,7 +61,7 @@ def test_frames_are_turned_as_the_display_matrix_says(tmp_path, degrees, hflip):
         expected = expected[:, ::-1]
     assert rgb.shape == expected.shape and rgb.flags.c_contiguous
     assert np.abs(rgb.astype(int) - expected).mean() < 3
-    assert ps.display_rotation(report.transform) == (degrees, hflip)
+    assert display_rotation(report.transform) == (degrees, hflip)
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg (installed by .ci/run)")
@@ -90,7 +90,7 @@ def test_phone_rotation_tag_matches_ffmpeg_autorotate(tmp_path, rotate_tag):
     assert np.abs(rgb.astype(int) - reference).mean() < 3
     turned = 0 if rotate_tag == 180 else 1
     assert rgb.shape[:2] == (SIZE[::-1] if turned else SIZE)
-    rotation, mirrored = ps.display_rotation(report.transform)
+    rotation, mirrored = display_rotation(report.transform)
     assert (rotation, mirrored) == (rotate_tag, False)  # what ffprobe reports as the stream's rotation
 
 
@@ -99,4 +99,4 @@ def test_odd_angle_display_matrix_is_ignored(tmp_path):
     video = write_oriented(tmp_path / "clip.mp4", 45, False)
     rgb, report = first_sample(video)
     assert np.abs(rgb.astype(int) - marked_frame()).mean() < 3
-    assert ps.display_rotation(report.transform) == (0, False)
+    assert display_rotation(report.transform) == (0, False)

@@ -18,6 +18,10 @@ import torch
 
 import make_tiny_sam3
 import process_segmentation as ps
+from sam3_pipeline.outputs import output_problems
+from sam3_pipeline.overlay import PALETTE, draw_overlay, object_color
+from sam3_pipeline.sam3 import Detections, Segmenter, detections_from_output, match_objects
+from sam3_pipeline.video_io import H264Writer, output_rate, sample_frames
 from conftest import REPO, pitch_frame, write_test_video
 
 PROMPTS = ["soccer player", "ball"]
@@ -70,7 +74,7 @@ def problem_lines(stderr: str) -> list[str]:
 def test_sample_frames_one_sample_per_interval_without_drift(tmp_path, fps, sample_fps, seconds):
     video = write_test_video(tmp_path / "clip.mp4", seconds=seconds, fps=fps)
     with av.open(str(video)) as container:
-        samples = list(ps.sample_frames(container, sample_fps, max_frames=0))
+        samples = list(sample_frames(container, sample_fps, max_frames=0))
     frame_time = 1 / float(Fraction(fps))
     assert len(samples) == round(seconds * sample_fps)
     for k, sample in enumerate(samples):
@@ -83,7 +87,7 @@ def test_sample_frames_variable_frame_rate_follows_video_time(tmp_path):
     times = np.concatenate([[0.0], np.cumsum(gaps)])
     video = write_test_video(tmp_path / "vfr.mp4", frame_times=times)
     with av.open(str(video)) as container:
-        samples = list(ps.sample_frames(container, 1.0, max_frames=0))
+        samples = list(sample_frames(container, 1.0, max_frames=0))
     assert len(samples) == int(times[-1]) + 1
     for k, sample in enumerate(samples):
         first_at_or_after = times[np.searchsorted(times, k - 1e-6)]
@@ -93,16 +97,16 @@ def test_sample_frames_variable_frame_rate_follows_video_time(tmp_path):
 def test_sample_frames_above_source_rate_yields_every_frame(tmp_path):
     video = write_test_video(tmp_path / "clip.mp4", seconds=1.0, fps=25)
     with av.open(str(video)) as container:
-        samples = list(ps.sample_frames(container, 100.0, max_frames=0))
+        samples = list(sample_frames(container, 100.0, max_frames=0))
     assert [sample.source_index for sample in samples] == list(range(25))
-    assert ps.output_rate(100.0, Fraction(25)) == 25
-    assert ps.output_rate(0, Fraction(30000, 1001)) == Fraction(30000, 1001)
+    assert output_rate(100.0, Fraction(25)) == 25
+    assert output_rate(0, Fraction(30000, 1001)) == Fraction(30000, 1001)
 
 
 def test_sample_frames_max_frames_stops_early(tmp_path):
     video = write_test_video(tmp_path / "clip.mp4", seconds=4.0, fps=25)
     with av.open(str(video)) as container:
-        assert len(list(ps.sample_frames(container, 0, max_frames=7))) == 7
+        assert len(list(sample_frames(container, 0, max_frames=7))) == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,14 +114,14 @@ def test_sample_frames_max_frames_stops_early(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def detections_from_full_masks(object_ids, prompts, masks: np.ndarray) -> ps.Detections:
+def detections_from_full_masks(object_ids, prompts, masks: np.ndarray) -> Detections:
     """Detections from (N, H, W) bool masks, cropped the way the pipeline stores them."""
     boxes, crops = [], []
     for mask in masks:
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         boxes.append([cols[0], rows[0], cols[-1], rows[-1]])
         crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    return ps.Detections(
+    return Detections(
         np.array(object_ids), list(prompts), np.full(len(masks), 0.9, np.float32), np.array(boxes), crops
     )
 
@@ -128,7 +132,7 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
     masks[0, 100:160, 20:200] = True  # large object
     masks[0, 100:110, 20:40] = False  # with a notch: the box is not all mask
     masks[1, 120:130, 60:70] = True  # small object on top of it
-    out = ps.draw_overlay(frame, detections_from_full_masks([3, 7], PROMPTS, masks))
+    out = draw_overlay(frame, detections_from_full_masks([3, 7], PROMPTS, masks))
 
     assert out.shape == frame.shape and out.dtype == np.uint8
     changed = np.any(out != frame, axis=2)
@@ -138,11 +142,11 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
     outside_boxes[80:162, 18:202] = False  # boxes, their outlines and the label above them
     assert not changed[outside_boxes].any()
     # the small object is painted last, over the large one, so its own colour stays visible
-    under_large = 0.5 * frame[125, 65] + 0.5 * np.array(ps.object_color(3))
-    expected = 0.5 * under_large + 0.5 * np.array(ps.object_color(7))
+    under_large = 0.5 * frame[125, 65] + 0.5 * np.array(object_color(3))
+    expected = 0.5 * under_large + 0.5 * np.array(object_color(7))
     assert np.abs(out[125, 65].astype(float) - expected).max() <= 2
-    assert ps.object_color(3) != ps.object_color(7) and ps.object_color(3) == ps.object_color(
-        3 + len(ps.PALETTE)
+    assert object_color(3) != object_color(7) and object_color(3) == object_color(
+        3 + len(PALETTE)
     )
 
 
@@ -152,7 +156,7 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
 
 
 @pytest.fixture(scope="module")
-def crowd_segmenter(tmp_path_factory) -> ps.Segmenter:
+def crowd_segmenter(tmp_path_factory) -> Segmenter:
     """The tiny SAM3 tracking 20 objects (10 queries per prompt), as in the benchmark."""
     directory = make_tiny_sam3.save_tiny_sam3(
         tmp_path_factory.mktemp("crowd"), num_prompts=2, objects_per_prompt=10
@@ -175,7 +179,7 @@ def test_masks_match_transformers_postprocess_outputs(crowd_segmenter, size):
             session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
             output = model(inference_session=session, frame_idx=frame_idx)
             reference = processor.postprocess_outputs(session, output, original_sizes=[[height, width]])
-            ours = ps.detections_from_output(output, session, size)
+            ours = detections_from_output(output, session, size)
 
             expected = {
                 int(i): m.numpy() for i, m in zip(reference["object_ids"], reference["masks"]) if m.any()
@@ -220,7 +224,7 @@ def test_end_to_end_720p_writes_playable_h264_and_metadata(tmp_path, tiny_model_
     assert 0 <= data.find(b"moov") < data.find(b"mdat"), "moov atom must come first (faststart)"
     # The tiny model's masks cover most of the frame: the overlay must show them.
     with av.open(str(clip_720p)) as container:
-        sources = [s.rgb for s in ps.sample_frames(container, 2.0, 0)]
+        sources = [s.rgb for s in sample_frames(container, 2.0, 0)]
     for source, drawn in zip(sources, frames):
         assert np.abs(source.astype(int) - drawn.astype(int)).mean() > 10
 
@@ -336,7 +340,7 @@ def test_match_objects_pairs_by_mask_overlap_within_a_prompt():
         [0, 1, 2, 3], ["player", "ball", "player", "ball"], np.stack([moved[1], moved[2], moved[0], masks[0]])
     )
     # local 3 ("ball") overlaps the first player perfectly but has another prompt: no match
-    assert ps.match_objects(previous, current) == {0: 9, 1: 11, 2: 4}
+    assert match_objects(previous, current) == {0: 9, 1: 11, 2: 4}
 
 
 def write_not_a_video(path: Path) -> Path:
@@ -565,7 +569,7 @@ def write_cut_video(path: Path, seconds: int = 10, fps: int = 25) -> Path:
     """A faststart MP4 (index first, as uploads are) with its second half missing, as an
     interrupted upload or copy leaves it."""
     whole = path.with_name("whole.mp4")
-    with ps.H264Writer(whole, 160, 96, Fraction(fps)) as writer:
+    with H264Writer(whole, 160, 96, Fraction(fps)) as writer:
         for index in range(seconds * fps):
             writer.write(pitch_frame(index, 160, 96))
     data = whole.read_bytes()
@@ -665,7 +669,7 @@ def test_video_with_a_missing_or_cut_output_is_not_done_and_is_redone(
     [redo] = [line for line in stderr.splitlines() if line.startswith("redo ")]
     assert target.name in redo, redo
     metadata = json.loads((out / "clip" / "clip_metadata.json").read_text())
-    assert ps.output_problems(out / "clip", metadata) == []
+    assert output_problems(out / "clip", metadata) == []
     _, frames = decode(out / "clip" / "clip_segmented.mp4")
     tracks = (out / "clip" / "clip_tracks.jsonl").read_text().splitlines()
     assert len(frames) == len(tracks) == metadata["frames_processed"] == 2

@@ -20,6 +20,8 @@ from transformers.models.sam3_video import modeling_sam3_video as sam3
 
 import make_tiny_sam3
 import process_segmentation as ps
+import sam3_pipeline.sam3
+from sam3_pipeline.sam3 import LocalCvUtils
 from conftest import REPO, write_test_video
 
 PROMPTS = ["soccer player", "ball"]
@@ -43,7 +45,7 @@ def test_local_connected_components_match_scipy_label(size, density):
     """Foreground (sprinkles) and background (holes) alike, as transformers uses both."""
     blobs = random_masks(seed=size[0] * size[1], count=6, size=size, density=density)
     masks = np.concatenate([blobs, 1 - blobs])
-    labels, counts = ps.LocalCvUtils.cc_2d(torch.from_numpy(masks), get_counts=True)
+    labels, counts = LocalCvUtils.cc_2d(torch.from_numpy(masks), get_counts=True)
     assert labels.shape == counts.shape == masks.shape and counts.dtype == torch.int32
     components = 0
     for index, mask in enumerate(masks[:, 0]):
@@ -66,7 +68,7 @@ def test_local_nms_matches_torchvision_on_box_ious(threshold):
     corners = torch.rand(60, 2, generator=generator) * 30  # crowded, so that many boxes overlap
     boxes = torch.cat([corners, corners + 20 + torch.rand(60, 2, generator=generator) * 10], dim=1)
     scores = torch.rand(60, generator=generator)
-    ours = ps.LocalCvUtils.generic_nms(torchvision.ops.box_iou(boxes, boxes), scores, threshold)
+    ours = LocalCvUtils.generic_nms(torchvision.ops.box_iou(boxes, boxes), scores, threshold)
     reference = torchvision.ops.nms(boxes, scores, threshold)
     assert 1 < len(reference) < 60, "the case should both keep and drop boxes"
     assert sorted(ours.tolist()) == sorted(reference.tolist())
@@ -75,7 +77,7 @@ def test_local_nms_matches_torchvision_on_box_ious(threshold):
 def test_transformers_fill_holes_fills_small_holes_and_removes_sprinkles(monkeypatch):
     """transformers' own `fill_holes_in_mask_scores` with the local operations: a hole up to
     `fill_hole_area` pixels is filled, a bigger one stays; a sprinkle is removed, the object stays."""
-    monkeypatch.setattr(sam3, "cv_utils_kernel", ps.LocalCvUtils())
+    monkeypatch.setattr(sam3, "cv_utils_kernel", LocalCvUtils())
     scores = torch.full((1, 1, 64, 64), -5.0)
     scores[0, 0, 4:40, 4:40] = 5.0  # the object, 1296 pixels
     scores[0, 0, 10:14, 10:14] = -5.0  # a hole of 16 pixels: filled
@@ -113,7 +115,7 @@ def test_duplicate_detections_are_suppressed_to_one_per_prompt(tmp_path, duplica
 
     # What transformers does on its own without `kernels`: every duplicate becomes an object.
     monkeypatch.setattr(sam3, "cv_utils_kernel", False)
-    monkeypatch.setattr(ps, "enable_sam3_postprocessing", lambda: "skipped")
+    monkeypatch.setattr(sam3_pipeline.sam3, "enable_sam3_postprocessing", lambda: "skipped")
     skipped = run_and_read_metadata(video, tmp_path / "without", duplicating_model_dir)
     assert all(count > 1 for count in skipped["objects_per_prompt"].values()), skipped["objects_per_prompt"]
 

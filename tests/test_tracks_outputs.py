@@ -11,12 +11,16 @@ import torch
 from pycocotools import mask as coco_mask
 
 import process_segmentation as ps
+from sam3_pipeline.outputs import coco_rle
+from sam3_pipeline.overlay import PreviewSheet
+from sam3_pipeline.sam3 import Detections, track_objects
+from sam3_pipeline.video_io import SampledFrame
 from conftest import pitch_frame, write_test_video
 
 PROMPTS = ["soccer player", "ball"]
 
 
-def random_crop_masks(seed: int, size: tuple[int, int], count: int) -> ps.Detections:
+def random_crop_masks(seed: int, size: tuple[int, int], count: int) -> Detections:
     """Blobby masks at random places, some touching the frame's edges, stored cropped."""
     rng = np.random.default_rng(seed)
     height, width = size
@@ -28,7 +32,7 @@ def random_crop_masks(seed: int, size: tuple[int, int], count: int) -> ps.Detect
         crop[0, 0] = crop[-1, -1] = True  # the box stays tight
         boxes.append([x0, y0, x1, y1])
         crops.append(crop)
-    return ps.Detections(
+    return Detections(
         np.arange(1, count + 1), ["ball"] * count, np.full(count, 0.5, np.float32), np.array(boxes), crops
     )
 
@@ -39,7 +43,7 @@ def test_coco_rle_of_a_crop_equals_pycocotools_on_the_full_mask(seed):
     detections = random_crop_masks(seed, size, count=6)
     for index in range(6):
         full = detections.full_mask(index, size)
-        rle = ps.coco_rle(detections.boxes[index], detections.masks[index], size)
+        rle = coco_rle(detections.boxes[index], detections.masks[index], size)
         assert rle == {
             "size": [37, 53],
             "counts": coco_mask.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode(),
@@ -96,12 +100,12 @@ def test_tracks_jsonl_masks_decode_to_what_the_overlay_drew(tracked_run):
 def test_tracks_masks_are_the_masks_the_overlay_draws(tiny_model_dir):
     """On real (tiny) SAM3 output: each RLE decodes to the very mask draw_overlay is given."""
     segmenter = ps.load_segmenter(str(tiny_model_dir), torch.device("cpu"), torch.float32)
-    frames = [ps.SampledFrame(i, i / 2, pitch_frame(i, 160, 96)) for i in range(3)]
+    frames = [SampledFrame(i, i / 2, pitch_frame(i, 160, 96)) for i in range(3)]
     checked = 0
-    for _, detections in ps.track_objects(segmenter, frames, PROMPTS, (96, 160), chunk_frames=100):
+    for _, detections in track_objects(segmenter, frames, PROMPTS, (96, 160), chunk_frames=100):
         for i in range(len(detections.object_ids)):
             decoded = coco_mask.decode(
-                ps.coco_rle(detections.boxes[i], detections.masks[i], (96, 160))
+                coco_rle(detections.boxes[i], detections.masks[i], (96, 160))
             ).astype(bool)
             assert np.array_equal(decoded, detections.full_mask(i, (96, 160)))
             checked += 1
@@ -141,7 +145,7 @@ def test_preview_is_a_jpeg_grid_of_documented_size(tracked_run):
 
 
 def test_preview_sheet_spreads_tiles_over_a_stream_of_unknown_length():
-    sheet = ps.PreviewSheet((90, 160))
+    sheet = PreviewSheet((90, 160))
     for number in range(100):
         frame = np.full((90, 160, 3), number, dtype=np.uint8)
         sheet.offer(number, float(number), frame)

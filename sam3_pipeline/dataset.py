@@ -1,0 +1,118 @@
+"""The videos to process: files and folders as given, keyed by their path in the dataset, and this job's share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from sam3_pipeline.messages import UsageError, log
+from sam3_pipeline.outputs import output_paths
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    """One input video and the key that names its results."""
+
+    path: Path
+    key: str  # "/"-separated path inside the folder it was found in, without extension: "train/10001/en"
+    size: int | None  # bytes when listed; None when it is not a file (it then fails with its own record)
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files and folders, and the __MACOSX folder of zips made on a Mac (its `._x.mp4` files
+    are resource forks, not videos)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def file_size(path: Path) -> int | None:
+    """The size of a regular file (following symlinks), or None when `path` is not one."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def find_videos(folder: Path, output_dir: Path) -> list[Video]:
+    """The videos below `folder`, sorted by path, keyed by their path inside it.
+
+    Results are never inputs: `output_dir` is not searched where it lies below `folder`, and where
+    `folder` is `output_dir` or lies in it, the result videos there (`<name>/<name>_segmented.mp4`)
+    are left out. So are hidden files and folders. Symlinked folders are not followed (as
+    `Path.rglob`); symlinked files are.
+    """
+    # Compared resolved (symlinks, `..`); the folders walked are real ones, so `root / inside` is theirs.
+    root, results = folder.resolve(), output_dir.resolve()
+    in_output = results == root or results in root.parents
+    skip = results.relative_to(root) if root in results.parents else None
+    videos = []
+    for parent, folders, files in os.walk(folder):
+        here, inside = Path(parent), Path(os.path.relpath(parent, folder))
+        folders[:] = [name for name in folders if not is_hidden(name) and inside / name != skip]
+        result = output_paths(here.parent, here.name)["video"].name if in_output else None
+        for name in files:
+            path = here / name
+            if is_hidden(name) or name == result or path.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            size = file_size(path)
+            if size is not None:
+                videos.append(Video(path, (inside / name).with_suffix("").as_posix(), size))
+    return sorted(videos, key=lambda video: video.path)
+
+
+def collect_videos(inputs: Sequence[Path], output_dir: Path) -> list[Video]:
+    """Files as given (keyed by name without extension), folders expanded to their videos
+    (`find_videos`: never results in `output_dir`), each video once.
+
+    A hidden file given as such is ignored. A path that does not exist is kept, so that it fails as
+    a video with its own error record.
+    """
+    videos: dict[str, Video] = {}  # by absolute path, the first key found for it
+    for path in inputs:
+        if path.is_dir():
+            found = find_videos(path, output_dir)
+            if not found:
+                raise UsageError(f"{path}: folder has no video files ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+        elif is_hidden(path.name) or "__MACOSX" in path.parts:
+            log(f"ignore {path}: a hidden file (such as macOS's ._ files), not a video")
+            continue
+        else:
+            found = [Video(path, path.stem, file_size(path))]
+        for video in found:
+            videos.setdefault(os.path.abspath(video.path), video)
+    keys: dict[str, Video] = {}
+    for video in videos.values():
+        if video.key in keys:
+            raise UsageError(
+                f"{video.path} and {keys[video.key].path} would both write to <output-dir>/{video.key}/: "
+                "give the folder that holds both (their keys then include their own folders), "
+                "or give each its own --output-dir"
+            )
+        keys[video.key] = video
+    return list(videos.values())
+
+
+def select_shard(videos: Sequence[Video], shard_index: int, num_shards: int) -> list[Video]:
+    """This shard's videos, in their order: largest file first to the least-loaded shard.
+
+    Weighed by file size as listed, which every job reads the same way; a duration needs each file
+    opened, and a read that fails on one worker only would give that job different shares. A file
+    that is missing weighs nothing. Deterministic (ties go by key), so a recovered job with the same
+    index picks the same videos; every video lands in exactly one shard, and no shard exceeds the
+    ideal load by more than one video.
+    """
+    if num_shards == 1:
+        return list(videos)
+    loads = [0] * num_shards
+    mine: set[str] = set()
+    for video in sorted(videos, key=lambda video: (-(video.size or 0), video.key)):
+        shard = min(range(num_shards), key=lambda index: (loads[index], index))
+        loads[shard] += video.size or 0
+        if shard == shard_index:
+            mine.add(video.key)
+    return [video for video in videos if video.key in mine]

@@ -1,0 +1,261 @@
+"""Results on disk (or a bucket mount): per-object records, tracks files, metadata, and writing so that no
+reader sees a file half-written."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from sam3_pipeline.messages import UsageError, one_line
+from sam3_pipeline.sam3 import Detections
+from sam3_pipeline.video_io import SampledFrame
+
+if TYPE_CHECKING:  # dataset reads output names: an import at run time would be circular
+    from sam3_pipeline.dataset import Video
+
+
+@dataclasses.dataclass
+class ObjectTrack:
+    """Running summary of one object ID across a video."""
+
+    object_id: int
+    prompt: str
+    first_frame: int
+    last_frame: int
+    first_time: float
+    last_time: float
+    frames_present: int = 0
+    max_score: float = 0.0
+    score_sum: float = 0.0
+
+
+def update_tracks(
+    tracks: dict[int, ObjectTrack], frame_number: int, timestamp: float, detections: Detections
+) -> None:
+    """Fold one frame's objects into the per-object summaries."""
+    for obj_id, prompt, score in zip(
+        detections.object_ids, detections.prompts, detections.scores, strict=True
+    ):
+        track = tracks.setdefault(
+            int(obj_id), ObjectTrack(int(obj_id), prompt, frame_number, frame_number, timestamp, timestamp)
+        )
+        track.last_frame, track.last_time = frame_number, timestamp
+        track.frames_present += 1
+        track.max_score = max(track.max_score, float(score))
+        track.score_sum += float(score)
+
+
+def partial_path(path: Path) -> Path:
+    """A hidden temporary name beside `path`, unique to this writer (pid and a random suffix)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.partial")
+
+
+def publish(local_file: Path, destination: Path) -> None:
+    """Move a finished file into place so that readers never see it half-written.
+
+    The destination may be a FUSE-mounted bucket: copy under a hidden temporary name first, then
+    rename, which such mounts do support.
+    """
+    partial = partial_path(destination)
+    try:
+        shutil.move(local_file, partial)
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` whole, even while other processes or threads write it too.
+
+    Each writer uses its own temporary file in the same folder (`partial_path`), then renames it
+    over `path`: readers see one complete version, the last rename wins.
+    """
+    partial = partial_path(path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
+def coco_rle(box: np.ndarray, crop: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
+    """A box-cropped mask as COCO's compressed RLE of the full (H, W) frame.
+
+    The same string `pycocotools.mask.encode` gives for the full mask, computed from the crop:
+    COCO runs go down columns, so the columns left and right of the box are single zero runs.
+    """
+    height, width = size
+    x0, y0, x1, y1 = map(int, box)
+    columns = np.zeros((height, crop.shape[1]), dtype=np.uint8)
+    columns[y0 : y1 + 1] = crop
+    flat = columns.ravel(order="F")
+    runs = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]]))
+    if flat[0]:  # COCO runs start with zeros
+        runs = np.concatenate([[0], runs])
+    runs[0] += x0 * height
+    trailing = (width - 1 - x1) * height
+    if not flat[-1]:
+        runs[-1] += trailing
+    elif trailing:
+        runs = np.concatenate([runs, [trailing]])
+    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": runs.tolist()}, height, width)
+    return {"size": [height, width], "counts": encoded["counts"].decode("ascii")}
+
+
+class TrackWriter:
+    """Stream per-frame tracks to two local files: JSON lines with COCO RLE masks, and
+    MOTChallenge rows (frame, id, bb_left, bb_top, bb_width, bb_height, conf, -1, -1, -1)."""
+
+    def __init__(self, jsonl_path: Path, mot_path: Path, size: tuple[int, int]) -> None:
+        self.size = size
+        self.jsonl = jsonl_path.open("w")
+        self.mot = mot_path.open("w")
+
+    def write(self, frame_number: int, sample: SampledFrame, detections: Detections) -> None:
+        objects = []
+        for obj_id, prompt, score, box, crop in zip(
+            detections.object_ids,
+            detections.prompts,
+            detections.scores,
+            detections.boxes,
+            detections.masks,
+            strict=True,
+        ):
+            x0, y0, x1, y1 = map(int, box)
+            objects.append(
+                {
+                    "id": int(obj_id),
+                    "prompt": prompt,
+                    "score": round(float(score), 4),
+                    "box": [x0, y0, x1, y1],
+                    "area": int(np.count_nonzero(crop)),
+                    "mask": coco_rle(box, crop, self.size),
+                }
+            )
+            self.mot.write(
+                f"{frame_number + 1},{int(obj_id)},{x0},{y0},{x1 - x0 + 1},{y1 - y0 + 1},{float(score):.4f},-1,-1,-1\n"
+            )
+        record = {
+            "frame": frame_number,
+            "source_frame": sample.source_index,
+            "timestamp": round(sample.timestamp, 6),
+            "objects": objects,
+        }
+        self.jsonl.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.mot.close()
+
+    def __enter__(self) -> TrackWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def output_paths(output_dir: Path, key: str) -> dict[str, Path]:
+    """Where the results of the video with `key` go: OUTPUT_DIR/train/10001/en/en_segmented.mp4, ..."""
+    folder = output_dir / key
+    name = folder.name
+    return {
+        "folder": folder,
+        "video": folder / f"{name}_segmented.mp4",
+        "tracks": folder / f"{name}_tracks.jsonl",
+        "mot": folder / f"{name}_mot.txt",
+        "preview": folder / f"{name}_preview.jpg",
+        "metadata": folder / f"{name}_metadata.json",
+        "error": folder / f"{name}_error.json",
+    }
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON object this script wrote, or {} when it is absent or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """An output as the metadata lists it: its name, size and SHA-256 (to check a copy with)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def output_problems(folder: Path, metadata: dict[str, Any]) -> list[str]:
+    """What is wrong with the outputs a video's metadata lists: [] when each file is in `folder`
+    with its listed size.
+
+    The metadata is written last, but a bucket mount uploads several files at once, so a worker
+    lost at the wrong moment can leave the metadata without a file it lists, or with part of one.
+    Sizes need only a stat, which is cheap even on a bucket mount; the checksums are for copies.
+    """
+    outputs = metadata.get("outputs")
+    if not isinstance(outputs, dict) or "video" not in outputs:
+        return ["the metadata lists no outputs"]
+    problems = []
+    for key, entry in outputs.items():
+        listed = isinstance(entry, dict) and isinstance(entry.get("file"), str)
+        if not (listed and isinstance(entry.get("bytes"), int)):
+            problems.append(f"the metadata lists no size for its {key}")
+            continue
+        try:
+            size = (folder / entry["file"]).stat().st_size
+        except OSError:
+            problems.append(f"{entry['file']} is missing")
+            continue
+        if size != entry["bytes"]:
+            problems.append(f"{entry['file']} has {size} of its {entry['bytes']} bytes")
+    return problems
+
+
+def source_change(metadata: dict[str, Any], video: Video) -> str | None:
+    """How the input now at a key differs from the one its results were made from, or None when
+    it is the same or not known (metadata written before it recorded the source's size)."""
+    name = metadata.get("source_name", metadata.get("video_name"))
+    if isinstance(name, str) and name != video.path.name:
+        return f"made from {name}, not {video.path.name}"
+    size = metadata.get("source_bytes")
+    if isinstance(size, int) and video.size is not None and size != video.size:
+        return f"made from a file of {size} bytes, {video.path.name} has {video.size}"
+    return None
+
+
+def completed_metadata(paths: dict[str, Path]) -> dict[str, Any]:
+    """The video's metadata if it says complete and every output it lists is whole, else {}."""
+    metadata = read_record(paths["metadata"])
+    complete = metadata.get("status") == "complete" and not output_problems(paths["folder"], metadata)
+    return metadata if complete else {}
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before loading the model when results could not be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{output_dir}: output folder is not writable: {one_line(error)}") from None
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,147 @@
+"""What the masks look like: each object's colour, the overlay drawn on a frame, and the preview contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from sam3_pipeline.sam3 import Detections
+
+MASK_ALPHA = 0.5
+PREVIEW_GRID = (3, 2)  # columns, rows of the contact sheet
+PREVIEW_TILE_WIDTH = 480
+PREVIEW_JPEG_QUALITY = 85
+
+# tab20-like, reordered so that consecutive IDs get contrasting colours. RGB.
+PALETTE = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (188, 189, 34),
+        (23, 190, 207),
+        (255, 187, 120),
+        (174, 199, 232),
+        (152, 223, 138),
+        (255, 152, 150),
+        (197, 176, 213),
+        (196, 156, 148),
+        (247, 182, 210),
+        (219, 219, 141),
+        (158, 218, 229),
+        (127, 127, 127),
+        (255, 255, 255),
+    ],
+    dtype=np.uint8,
+)
+
+
+def object_color(object_id: int) -> tuple[int, int, int]:
+    """The RGB colour of an object ID; the same ID always gets the same colour."""
+    return tuple(int(c) for c in PALETTE[object_id % len(PALETTE)])
+
+
+def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
+    """Blend each mask in its object's colour and label it "ID prompt".
+
+    frame: (H, W, 3) uint8 RGB. Returns a new (H, W, 3) uint8 RGB frame.
+    Masks are painted largest first so that small objects (the ball) stay visible; each blend is
+    done inside the object's box only, which is what keeps this cheap at 20+ objects.
+    """
+    height = frame.shape[0]
+    canvas = frame.copy()
+    areas = np.array([np.count_nonzero(mask) for mask in detections.masks])
+    for i in np.argsort(-areas, kind="stable"):
+        x0, y0, x1, y1 = detections.boxes[i]
+        roi = canvas[y0 : y1 + 1, x0 : x1 + 1]
+        tint = np.empty_like(roi)
+        tint[:] = object_color(int(detections.object_ids[i]))
+        blended = cv2.addWeighted(roi, 1.0 - MASK_ALPHA, tint, MASK_ALPHA, 0.0)
+        cv2.copyTo(blended, detections.masks[i].view(np.uint8), roi)
+    scale = max(height / 720.0, 0.4) * 0.6
+    thickness = max(1, round(height / 360))
+    for i, obj_id in enumerate(map(int, detections.object_ids)):
+        color = object_color(obj_id)
+        x0, y0, x1, y1 = map(int, detections.boxes[i])
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
+        label = f"{obj_id} {detections.prompts[i]}"
+        (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        top = max(y0 - text_h - baseline - 2, 0)
+        cv2.rectangle(canvas, (x0, top), (x0 + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
+        cv2.putText(
+            canvas,
+            label,
+            (x0 + 1, top + text_h + 1),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (0, 0, 0),
+            thickness,
+            cv2.LINE_AA,
+        )
+    return canvas
+
+
+class PreviewSheet:
+    """Evenly spaced thumbnails from a stream of frames of unknown length, as one contact sheet.
+
+    Keeps every `stride`-th frame; when four times the tiles are kept, drops every other one and
+    doubles the stride, so memory stays under 4 x tiles thumbnails and the chosen tiles are
+    spaced evenly to within a quarter of their spacing.
+    """
+
+    def __init__(self, frame_size: tuple[int, int]) -> None:
+        height, width = frame_size
+        self.tile_size = (PREVIEW_TILE_WIDTH, max(2, round(PREVIEW_TILE_WIDTH * height / width / 2) * 2))
+        self.tiles = PREVIEW_GRID[0] * PREVIEW_GRID[1]
+        self.stride = 1
+        self.kept: list[np.ndarray] = []
+
+    def offer(self, frame_number: int, timestamp: float, frame: np.ndarray) -> None:
+        """frame: (H, W, 3) uint8 RGB, already drawn on."""
+        if frame_number % self.stride:
+            return
+        thumbnail = cv2.resize(frame, self.tile_size, interpolation=cv2.INTER_AREA)
+        cv2.putText(
+            thumbnail,
+            f"{timestamp:.1f} s",
+            (6, 20),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.55,
+            (255, 255, 255),
+            2,
+            cv2.LINE_AA,
+        )
+        self.kept.append(thumbnail)
+        if len(self.kept) >= 4 * self.tiles:
+            self.kept, self.stride = self.kept[::2], self.stride * 2
+
+    def render(self) -> np.ndarray:
+        """(rows * tile_h, columns * tile_w, 3) uint8 RGB; unused tiles stay black."""
+        columns, rows = PREVIEW_GRID
+        tile_w, tile_h = self.tile_size
+        sheet = np.zeros((rows * tile_h, columns * tile_w, 3), dtype=np.uint8)
+        chosen = np.unique(
+            np.linspace(0, len(self.kept) - 1, num=min(self.tiles, len(self.kept))).round().astype(int)
+        )
+        for slot, index in enumerate(chosen):
+            row, column = divmod(slot, columns)
+            sheet[row * tile_h : (row + 1) * tile_h, column * tile_w : (column + 1) * tile_w] = self.kept[
+                index
+            ]
+        return sheet
+
+    def save(self, path: Path) -> None:
+        ok, jpeg = cv2.imencode(
+            ".jpg",
+            cv2.cvtColor(self.render(), cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY],
+        )
+        if not ok:
+            raise RuntimeError("JPEG encoding of the preview failed")
+        path.write_bytes(jpeg.tobytes())

@@ -1,0 +1,123 @@
+"""`--summarize`: done, partial, failed and missing videos of an output folder, as JSON, CSV and a short table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sam3_pipeline.dataset import collect_videos, is_hidden
+from sam3_pipeline.messages import UsageError, one_line
+from sam3_pipeline.outputs import (
+    completed_metadata,
+    now_iso,
+    output_paths,
+    read_record,
+    write_json,
+    write_text_atomically,
+)
+
+
+def result_keys(output_dir: Path) -> set[str]:
+    """The keys of the videos `output_dir` holds results or error records of: the folders below it,
+    at any depth, that hold a file this script names after the folder (`en/en_metadata.json`).
+    Other folders (logs, temporary files) are not videos."""
+    keys = set()
+    for parent, folders, files in os.walk(output_dir):
+        folders[:] = [name for name in folders if not is_hidden(name)]
+        key = Path(os.path.relpath(parent, output_dir)).as_posix()
+        if key == ".":
+            continue
+        paths = output_paths(output_dir, key)
+        if not set(files).isdisjoint(path.name for kind, path in paths.items() if kind != "folder"):
+            keys.add(key)
+    return keys
+
+
+def summary_row(output_dir: Path, key: str) -> dict[str, Any]:
+    """One video's entry in the summary, from what its folder under `output_dir` holds.
+
+    done: complete metadata with every output it lists whole (`completed_metadata`);
+    partial: the same, but decoding stopped before the end of the video (a file cut short);
+    failed: an error record; missing: none of these (not started, in progress, interrupted,
+    cut off while uploading, or no folder at all).
+    """
+    paths = output_paths(output_dir, key)
+    metadata = completed_metadata(paths)
+    failure = {} if metadata else read_record(paths["error"])
+    if metadata:
+        status = "partial" if metadata.get("decode_error") else "done"
+    elif failure.get("status") == "failed":
+        status = "failed"
+    else:
+        status = "missing"
+    return {
+        "video": key,
+        "status": status,
+        "frames_processed": metadata.get("frames_processed"),
+        "objects_detected": metadata.get("objects_detected"),
+        "objects_per_prompt": metadata.get("objects_per_prompt", {}),
+        "processing_seconds": metadata.get("processing_seconds"),
+        "decode_error": metadata.get("decode_error"),
+        "error": failure.get("error") if status == "failed" else None,
+    }
+
+
+def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV text, one line per video.
+
+    Columns: video, status, frames_processed, objects_detected, then `objects:<prompt>` for each
+    prompt any video was run with (first seen first; empty where that video's run did not have
+    it), then processing_seconds, decode_error, error. Empty cells where there is no value.
+    """
+    prompts = dict.fromkeys(prompt for row in rows for prompt in row["objects_per_prompt"])
+    columns = ["video", "status", "frames_processed", "objects_detected"]
+    columns += [f"objects:{prompt}" for prompt in prompts] + ["processing_seconds", "decode_error", "error"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {**row, **{f"objects:{prompt}": n for prompt, n in row["objects_per_prompt"].items()}}
+        )
+    return text.getvalue()
+
+
+def print_summary(output_dir: Path, counts: dict[str, int], rows: Sequence[dict[str, Any]]) -> None:
+    """A short table on stdout: videos per status, then each failed video with its error."""
+    print(f"{len(rows)} videos in {output_dir} (summary.json, summary.csv)")
+    for status, count in counts.items():
+        print(f"  {status:<8} {count:>6}")
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"  failed: {row['video']}: {row['error']}")
+        elif row["status"] == "partial":
+            print(f"  partial: {row['video']}: {row['decode_error']}")
+
+
+def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
+    """Write summary.json and summary.csv into `output_dir` and print the counts.
+
+    The videos are those `output_dir` holds results or error records of (`result_keys`), and those
+    among `inputs` (files or folders, as for a run), which count as missing when they have neither.
+    A report: failed videos are not an error here. Jobs may run it at the same time.
+    """
+    if not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: no such output folder to summarize")
+    videos = collect_videos(inputs, output_dir)
+    try:
+        keys = result_keys(output_dir) | {video.key for video in videos}
+        rows = [summary_row(output_dir, key) for key in sorted(keys)]
+        counts = {
+            status: sum(row["status"] == status for row in rows)
+            for status in ("done", "partial", "failed", "missing")
+        }
+        summary = {"generated_at": now_iso(), "output_dir": str(output_dir), "counts": counts, "videos": rows}
+        write_json(output_dir / "summary.json", summary)
+        write_text_atomically(output_dir / "summary.csv", summary_csv(rows))
+    except OSError as error:
+        raise UsageError(f"{output_dir}: cannot summarize: {one_line(error)}") from None
+    print_summary(output_dir, counts, rows)
