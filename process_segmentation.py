@@ -28,10 +28,10 @@ import itertools
 import math
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ from sam3_pipeline.outputs import (
     output_problems,
     publish,
     read_record,
+    remove_dead_scratch,
+    remove_stale_partials,
+    scratch_dir,
     source_change,
     update_tracks,
     write_json,
@@ -69,7 +72,10 @@ from sam3_pipeline.video_io import (
 
 DEFAULT_MODEL = "facebook/sam3"
 DEFAULT_PROMPTS = ("soccer player", "ball")
-DEFAULT_SAMPLE_FPS = 1.0
+DEFAULT_SAMPLE_FPS = Fraction(1)
+# Frames further apart than this share nothing for SAM3 to track: one per hour is already a series
+# of stills. Below it a typo (0.0004 for 0.04) would quietly process almost nothing.
+MIN_SAMPLE_FPS = Fraction(1, 3600)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -77,6 +83,17 @@ def default_output_dir() -> Path:
     """Under /outputs when it exists (the bucket mounted by the SkyPilot YAMLs), else here."""
     outputs = Path("/outputs")
     return outputs / "segmentation_results" if outputs.is_dir() else Path("segmentation_results")
+
+
+def sample_rate(text: str) -> Fraction:
+    """--sample-fps: a decimal or a fraction ("0.5", "30000/1001"), kept exact so that the rate
+    sampled, the MP4's frame rate and the one recorded are the same number."""
+    try:
+        rate = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    # FFmpeg keeps rates as 32-bit fractions; a microsecond-exact rate is plenty.
+    return rate.limit_denominator(1_000_000)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -93,9 +110,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sample-fps",
-        type=float,
+        type=sample_rate,
         default=DEFAULT_SAMPLE_FPS,
-        help="frames per second of video to process; 0 = every frame",
+        help="frames per second of video time to process, a decimal or fraction (30000/1001); "
+        "at least 1/3600 (one per hour); 0 = every frame",
     )
     parser.add_argument(
         "--max-frames",
@@ -154,8 +172,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--max-frames must be 0 or more, got {args.max_frames}")
     if args.chunk_frames < 2:
         parser.error(f"--chunk-frames must be 2 or more (windows share one frame), got {args.chunk_frames}")
-    if not math.isfinite(args.sample_fps):
-        parser.error(f"--sample-fps must be a number, got {args.sample_fps}")
+    if args.sample_fps < 0 or 0 < args.sample_fps < MIN_SAMPLE_FPS:
+        parser.error(
+            f"--sample-fps must be 0 (every frame) or at least {MIN_SAMPLE_FPS} (one frame per hour), "
+            f"got {float(args.sample_fps):g}"
+        )
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         parser.error(
             f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}"
@@ -181,15 +202,14 @@ def process_video(
 
     paths["folder"].mkdir(parents=True, exist_ok=True)
     products = ["video", "preview", *(["tracks", "mot"] if args.tracks else [])]
-    # Stale results must not outlive a redo: "complete" metadata least of all.
-    for key in ("metadata", *({"tracks", "mot"} - set(products))):
+    for key in {"tracks", "mot"} - set(products):  # not part of this run's results
         paths[key].unlink(missing_ok=True)
     tracks: dict[int, ObjectTrack] = {}
     windows: list[int] = []
     timestamps: list[float] = []
     frame_indices: list[int] = []
     report = DecodeReport()
-    with container, tempfile.TemporaryDirectory(prefix="sam3-") as scratch:
+    with container, scratch_dir() as scratch:
         info = read_video_info(container, source)
         fps_out = output_rate(args.sample_fps, info.fps)
         expected = math.ceil(info.duration * fps_out) if info.duration else None
@@ -226,6 +246,8 @@ def process_video(
                 timestamps.append(round(sample.timestamp, 6))
                 frame_indices.append(sample.source_index)
                 progress.update()
+                if report.timestamp_discontinuities and progress.total:  # the container's duration misled
+                    progress.total = None
         preview.save(local["preview"])
         outputs = {key: file_record(local[key]) for key in products}
         for key in products:  # the metadata, written by the caller, comes last
@@ -233,6 +255,9 @@ def process_video(
 
     seconds = time.monotonic() - started
     rotation, mirrored = display_rotation(report.transform)
+    geometry = report.geometry
+    if report.timestamp_discontinuities:
+        expected = None  # estimated from the container's duration, which does not span restarts
     objects = sorted(tracks.values(), key=lambda track: track.object_id)
     return {
         "status": "complete",
@@ -243,13 +268,16 @@ def process_video(
         "source_bytes": video.size,  # as listed, which is what the next run compares
         "width": size[1],
         "height": size[0],
-        "stored_width": info.width,
-        "stored_height": info.height,
+        "stored_width": geometry.stored[0],
+        "stored_height": geometry.stored[1],
+        "sample_aspect_ratio": "{0.numerator}:{0.denominator}".format(geometry.sample_aspect_ratio),
+        "size_changes": report.size_changes,
+        "timestamp_discontinuities": report.timestamp_discontinuities,
         "rotation": rotation,
         "mirrored": mirrored,
         "duration_seconds": info.duration,
         "original_fps": float(info.fps),
-        "sample_fps": args.sample_fps,
+        "sample_fps": float(args.sample_fps),
         "output_fps": float(fps_out),
         "max_frames": args.max_frames,
         "chunking": {
@@ -292,6 +320,12 @@ def process_video(
     }
 
 
+def start_redo(paths: dict[str, Path]) -> None:
+    """Remove a video's metadata before anything else about its redo can fail: an old "complete"
+    left standing would make the summary and later runs take the video as done."""
+    paths["metadata"].unlink(missing_ok=True)
+
+
 def record_failure(video: Video, paths: dict[str, Path], error: BaseException) -> str:
     """Write <name>_error.json and return the one line to show."""
     message = (
@@ -315,6 +349,27 @@ def record_failure(video: Video, paths: dict[str, Path], error: BaseException) -
     return message
 
 
+def times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
+def log_notes(video: Video, metadata: dict[str, Any]) -> None:
+    """Warn about what a user would otherwise only find in the metadata."""
+    if metadata["decode_error"]:
+        expected = f" of ~{metadata['frames_expected']}" if metadata["frames_expected"] else ""
+        log(
+            f"warning: {video.path}: decoding stopped after {metadata['sampled_timestamps'][-1]:.1f} s "
+            f"({metadata['frames_processed']}{expected} frames kept): {metadata['decode_error']}"
+        )
+    if count := metadata["timestamp_discontinuities"]:
+        log(f"note: {video.path}: its timestamps restart or jump {times(count)}; video time runs on across them")
+    if count := metadata["size_changes"]:
+        log(
+            f"note: {video.path}: its frame size changes {times(count)}; every frame is scaled to the "
+            f"first one's {metadata['width']}x{metadata['height']}"
+        )
+
+
 def check_device(args: argparse.Namespace) -> int:
     """--check-device: say what a run would compute on, or fail the way a run would."""
     device = choose_device(args.device)
@@ -323,6 +378,7 @@ def check_device(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.time()
     # Before anything else: a worker that cannot see its GPU must fail now, not crawl for hours.
     device = choose_device(args.device)
     dtype = choose_dtype(args.dtype, device)
@@ -337,6 +393,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     check_output_dir(args.output_dir)
     paths_of = {video: output_paths(args.output_dir, video.key) for video in videos}
+    folders = [args.output_dir, *(paths["folder"] for paths in paths_of.values())]
+    leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
+    if leftovers:
+        log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
     todo = []
     for video in videos:
         paths = paths_of[video]
@@ -355,6 +415,8 @@ def run(args: argparse.Namespace) -> int:
     failures: list[str] = []
     for video in [video for video in todo if video.size is None]:  # fail these before the slow model load
         todo.remove(video)
+        with contextlib.suppress(OSError):  # it fails either way; the error record says why
+            start_redo(paths_of[video])
         failures.append(record_failure(video, paths_of[video], VideoError(f"{video.path}: no such file")))
         log(f"FAILED {failures[-1]}")
     if not todo:
@@ -369,19 +431,16 @@ def run(args: argparse.Namespace) -> int:
         paths = paths_of[video]
         log(f"{number}/{len(todo)} - {video.path}")
         try:
+            start_redo(paths)
             metadata = process_video(video, paths, segmenter, args)
-        except Exception as error:  # one bad video never stops the others
+            write_json(paths["metadata"], metadata)  # last: its presence means complete
+        except Exception as error:  # one bad video (or one failed write) never stops the others
             failures.append(record_failure(video, paths, error))
             log(f"FAILED {failures[-1]}")
             continue
-        write_json(paths["metadata"], metadata)
-        paths["error"].unlink(missing_ok=True)
-        if metadata["decode_error"]:
-            log(
-                f"warning: {video.path}: decoding stopped after {metadata['sampled_timestamps'][-1]:.1f} s "
-                f"({metadata['frames_processed']} of ~{metadata['frames_expected']} frames kept): "
-                f"{metadata['decode_error']}"
-            )
+        with contextlib.suppress(OSError):  # the complete metadata outranks an old error record
+            paths["error"].unlink(missing_ok=True)
+        log_notes(video, metadata)
         log(
             f"done {video.path.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
             f"{metadata['objects_per_prompt']}, {metadata['frames_per_second']} frames/s -> {paths['video']}"

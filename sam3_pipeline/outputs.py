@@ -3,13 +3,16 @@ reader sees a file half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,10 @@ from sam3_pipeline.video_io import SampledFrame
 
 if TYPE_CHECKING:  # dataset reads output names: an import at run time would be circular
     from sam3_pipeline.dataset import Video
+
+SCRATCH_PREFIX = "sam3-"
+# A `.partial` file this much older than the run is a dead writer's (`remove_stale_partials`).
+STALE_PARTIAL_SECONDS = 600
 
 
 @dataclasses.dataclass
@@ -58,6 +65,61 @@ def update_tracks(
 def partial_path(path: Path) -> Path:
     """A hidden temporary name beside `path`, unique to this writer (pid and a random suffix)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.partial")
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory[str]:
+    """A local folder for one video's outputs while they are written, named after this process
+    so that a later run can tell when its owner is gone (`remove_dead_scratch`)."""
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def remove_dead_scratch() -> list[Path]:
+    """Remove the scratch folders (`scratch_dir`) of processes that no longer run on this machine:
+    a run killed with SIGKILL leaves one, with up to a whole video's outputs in it. Returns them."""
+    removed = []
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            owner = re.fullmatch(rf"{re.escape(SCRATCH_PREFIX)}(\d+)-\w+", entry.name)
+            if owner and entry.is_dir(follow_symlinks=False) and not process_exists(int(owner[1])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(root / entry.name)
+    return removed
+
+
+def remove_stale_partials(folders: Iterable[Path], run_started: float) -> list[Path]:
+    """Remove the hidden `.partial` files (`partial_path`) in `folders` that were last written
+    STALE_PARTIAL_SECONDS or more before this run started: writers killed mid-copy leave them.
+
+    Their names carry the writer's pid, but on a bucket shared by several workers a pid says
+    nothing; their age does: a live writer keeps its file's modification time current. The
+    margin keeps clear of another job writing into the same folder right now. Returns them.
+    """
+    removed = []
+    cutoff = run_started - STALE_PARTIAL_SECONDS
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not there yet
+            continue
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".partial")):
+                continue
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed.append(Path(folder) / entry.name)
+    return removed
 
 
 def publish(local_file: Path, destination: Path) -> None:

@@ -16,6 +16,10 @@ from sam3_pipeline.messages import VideoError, one_line
 
 ENCODER_OPTIONS = {"crf": "23", "preset": "veryfast"}
 IDENTITY_TRANSFORM = (1, 0, 0, 1)  # display matrix signs (a, b, c, d) of an upright frame
+DEFAULT_FRAME_RATE = 25  # for a stream that states no frame rate at all
+# Longer than this without a frame, the timestamps have jumped (a splice, a clock reset) rather
+# than the video paused: `VideoClock`.
+MAX_FRAME_GAP = Fraction(5)  # seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +35,6 @@ class SampledFrame:
 class VideoInfo:
     """What the container says about a video before decoding it."""
 
-    width: int
-    height: int
     fps: Fraction  # average frame rate
     duration: float | None  # seconds, None when the container does not say
 
@@ -45,14 +47,15 @@ def read_video_info(container: av.container.InputContainer, path: Path) -> Video
     if not fps or not stream.width or not stream.height:
         raise VideoError(f"{path}: video stream has no frame rate or size")
     duration = container.duration / av.time_base if container.duration else None
-    return VideoInfo(width=stream.width, height=stream.height, fps=Fraction(fps), duration=duration)
+    return VideoInfo(fps=Fraction(fps), duration=duration)
 
 
-def output_rate(sample_fps: float, source_fps: Fraction) -> Fraction:
-    """Frame rate of the output MP4: the sample rate, or the source rate when sampling every frame."""
+def output_rate(sample_fps: Fraction, source_fps: Fraction) -> Fraction:
+    """Frame rate of the output MP4: the sample rate, or the source rate when sampling every frame
+    or when the source has fewer frames than asked for."""
     if sample_fps <= 0:
         return source_fps
-    return min(Fraction(sample_fps).limit_denominator(1001), source_fps)
+    return min(Fraction(sample_fps), source_fps)
 
 
 def display_transform(frame: av.VideoFrame) -> tuple[int, int, int, int]:
@@ -92,37 +95,144 @@ def display_rotation(transform: tuple[int, int, int, int]) -> tuple[int, bool]:
     return round(math.degrees(math.atan2(-b, a))) % 360, mirrored
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameGeometry:
+    """How decoded frames become the frames SAM3 and the MP4 see, fixed by the first frame:
+    resampled to square pixels (keeping the height), then turned as the display matrix says."""
+
+    stored: tuple[int, int]  # (W, H) of the first frame as coded
+    square: tuple[int, int]  # (W, H) of the first frame in square pixels, before the display matrix
+    sample_aspect_ratio: Fraction  # width of a stored pixel over its height
+    transform: tuple[int, int, int, int]  # display matrix signs, see `display_transform`
+
+
+def frame_geometry(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> FrameGeometry:
+    """The geometry of a video, from its first frame and its stream's sample aspect ratio.
+
+    The stream's ratio is the container's where it has one (MP4 `pasp`, Matroska display size), else
+    the codec's, as FFmpeg's players choose. Ratios outside 1/4..4 are taken for broken headers.
+    """
+    ratio = Fraction(stream.sample_aspect_ratio or 1)
+    if not Fraction(1, 4) <= ratio <= 4:
+        ratio = Fraction(1)
+    square_width = max(round(frame.width * ratio), 1)
+    return FrameGeometry(
+        stored=(frame.width, frame.height),
+        square=(square_width, frame.height),
+        sample_aspect_ratio=ratio,
+        transform=display_transform(frame),
+    )
+
+
+def fit_inside(size: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
+    """The largest (W, H) with the aspect ratio of `size` that fits in `bounds` (W, H)."""
+    scale = min(bounds[0] / size[0], bounds[1] / size[1])
+    return min(max(round(size[0] * scale), 1), bounds[0]), min(max(round(size[1] * scale), 1), bounds[1])
+
+
+def frame_rgb(frame: av.VideoFrame, geometry: FrameGeometry) -> np.ndarray:
+    """A decoded frame as a player shows it, at the video's one output size.
+
+    Returns (H, W, 3) uint8 RGB, H x W the first frame's square-pixel size turned by the display
+    matrix. A frame of another coded size (a stream that changes resolution) is scaled to fit that
+    size, centred on black where its shape differs. Resampling happens in FFmpeg's scaler, in the
+    same pass as the conversion to RGB.
+    """
+    width, height = geometry.square
+    if (frame.width, frame.height) == geometry.stored:
+        if geometry.square == geometry.stored:
+            return to_display(frame.to_ndarray(format="rgb24"), geometry.transform)
+        return to_display(frame.to_ndarray(format="rgb24", width=width, height=height), geometry.transform)
+    shape = (frame.width * geometry.sample_aspect_ratio, frame.height)
+    fit_width, fit_height = fit_inside(shape, geometry.square)
+    scaled = frame.to_ndarray(format="rgb24", width=fit_width, height=fit_height)
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = (height - fit_height) // 2, (width - fit_width) // 2
+    canvas[top : top + fit_height, left : left + fit_width] = scaled
+    return to_display(canvas, geometry.transform)
+
+
+class VideoClock:
+    """Video time of decoded frames: seconds since the first frame, continuous where the
+    timestamps are not.
+
+    Recorders that restart (parts joined with `cat`, a camera that resets its clock) make the
+    timestamps jump back; splices can make them jump far ahead. At such a break the video time
+    goes on one frame interval after the frame before it, and `breaks` counts it. Gaps shorter
+    than MAX_FRAME_GAP (or two frame intervals, where frames are that sparse) are real: time runs
+    on through them.
+    """
+
+    def __init__(self, time_base: Fraction | None, frame_interval: Fraction) -> None:
+        self.time_base = time_base
+        self.frame_interval = frame_interval
+        self.max_gap = max(MAX_FRAME_GAP, 2 * frame_interval)
+        self.offset: Fraction | None = None  # video time minus timestamp, in this segment
+        self.last_stamp = Fraction(0)
+        self.last_time: Fraction | None = None
+        self.breaks = 0
+
+    def time_of(self, frame: av.VideoFrame) -> Fraction:
+        stamp = frame.pts * self.time_base if frame.pts is not None and self.time_base else None
+        after_last = Fraction(0) if self.last_time is None else self.last_time + self.frame_interval
+        if stamp is None:  # one frame interval after the frame before
+            time = after_last
+        else:
+            if self.offset is None:  # the first timestamp
+                self.offset = after_last - stamp
+            elif not 0 <= stamp - self.last_stamp <= self.max_gap:
+                self.offset = after_last - stamp
+                self.breaks += 1
+            self.last_stamp = stamp
+            time = stamp + self.offset
+        self.last_time = time
+        return time
+
+
 @dataclasses.dataclass
 class DecodeReport:
     """What decoding found out on the way through a video."""
 
-    transform: tuple[int, int, int, int] = IDENTITY_TRANSFORM  # display matrix of the first sampled frame
+    geometry: FrameGeometry | None = None  # set by the first frame
     error: str | None = None  # why decoding stopped before the end of the video, if it did
+    timestamp_discontinuities: int = 0  # restarts and jumps of the timestamps (`VideoClock`)
+    size_changes: int = 0  # frames whose coded size differs from the frame before
+
+    @property
+    def transform(self) -> tuple[int, int, int, int]:
+        return self.geometry.transform if self.geometry else IDENTITY_TRANSFORM
 
 
 def sample_frames(
     container: av.container.InputContainer,
-    sample_fps: float,
+    sample_fps: Fraction | float,
     max_frames: int,
     report: DecodeReport | None = None,
 ) -> Iterator[SampledFrame]:
-    """Decode the first video stream and yield one frame per 1/sample_fps seconds of video time,
-    upright as a player shows it.
+    """Decode the first video stream and yield one frame per 1/sample_fps seconds of video time
+    (every frame for 0), as a player shows it (`frame_rgb`).
 
-    Sample k is the first frame at or after k / sample_fps seconds (exact fractions, so 29.97 fps
-    and variable-frame-rate videos do not drift). Only chosen frames are converted to RGB.
+    Sample k is the first frame after k / sample_fps seconds of video time (`VideoClock`) less
+    half a frame interval (the stream's average interval, or the interval since the frame before
+    where that is shorter): the frame nearest that time, the later one on a tie. Timestamps
+    rounded to the container's time base (milliseconds in Matroska and WebM) fall just before the
+    exact grid. Times are exact fractions, so 29.97 fps and variable-frame-rate videos do not
+    drift; a grid point inside a gap in the video is not made up with a repeated frame. Only
+    chosen frames are converted to RGB.
     A decode error after the first sample ends the video early (a file cut short keeps what
     decoded) and is recorded in `report`; before it, the error is raised.
     """
     report = report if report is not None else DecodeReport()
     stream = container.streams.video[0]
-    interval = Fraction(1) / Fraction(sample_fps).limit_denominator(1001) if sample_fps > 0 else Fraction(0)
-    fallback_rate = Fraction(stream.average_rate or 25)
-    origin: Fraction | None = None
+    frame_interval = 1 / Fraction(stream.average_rate or stream.guessed_rate or DEFAULT_FRAME_RATE)
+    clock = VideoClock(Fraction(stream.time_base) if stream.time_base else None, frame_interval)
+    interval = 1 / Fraction(sample_fps) if sample_fps > 0 else None
     next_time = Fraction(0)
+    previous: Fraction | None = None
     sampled = 0
+    coded_size: tuple[int, int] | None = None
     decoded = enumerate(container.decode(stream))
-    while True:
+    while not (max_frames and sampled >= max_frames):
         try:
             index, frame = next(decoded)
         except StopIteration:
@@ -132,25 +242,21 @@ def sample_frames(
                 raise
             report.error = one_line(error)
             return
-        if frame.pts is not None and stream.time_base is not None:
-            when = frame.pts * Fraction(stream.time_base)
-        else:
-            when = index / fallback_rate
-        origin = when if origin is None else origin
-        elapsed = when - origin
-        if elapsed < next_time:
-            continue
-        if not sampled:
-            report.transform = display_transform(frame)
-        rgb = to_display(frame.to_ndarray(format="rgb24"), report.transform)
-        yield SampledFrame(source_index=index, timestamp=float(elapsed), rgb=rgb)
+        elapsed = clock.time_of(frame)
+        report.timestamp_discontinuities = clock.breaks
+        if coded_size not in (None, (frame.width, frame.height)):
+            report.size_changes += 1
+        coded_size = (frame.width, frame.height)
+        spacing = elapsed - previous if previous is not None and elapsed > previous else frame_interval
+        tolerance = min(spacing, frame_interval) / 2  # where the rate varies, the local interval
+        previous = elapsed
+        if interval is not None:
+            if elapsed <= next_time - tolerance:
+                continue
+            next_time = (math.floor((elapsed + tolerance) / interval) + 1) * interval
+        report.geometry = report.geometry or frame_geometry(frame, stream)
+        yield SampledFrame(source_index=index, timestamp=float(elapsed), rgb=frame_rgb(frame, report.geometry))
         sampled += 1
-        if max_frames and sampled >= max_frames:
-            return
-        if interval:  # next grid point after this frame; a long gap is not made up with repeats
-            next_time = (elapsed // interval + 1) * interval
-        else:
-            next_time = elapsed + Fraction(1, 10**9)
 
 
 class H264Writer:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,22 @@ def run_in_skypilot_venv(script: str, cases: list[dict[str, Any]], home: Path) -
     )
     assert result.returncode == 0, f"{script} failed:\n{result.stderr[-4000:]}"
     return json.loads(result.stdout)
+
+
+def sampled_times(times: Sequence[float], average_interval: float, rate: float = 1.0) -> list[float]:
+    """The frame times a sampler at `rate` takes, by the rule the README states: for each k, the
+    first frame later than k / rate less half a frame interval (the average one, or the interval
+    since the frame before where that is shorter); no k gets two frames, and a k inside a gap in
+    the video gets none. `times`: every frame's time from the first, in order."""
+    taken: list[float] = []
+    next_k = 0
+    for index, time in enumerate(times):
+        spacing = time - times[index - 1] if index and time > times[index - 1] else average_interval
+        half = min(spacing, average_interval) / 2
+        if time > next_k / rate - half:
+            taken.append(time)
+            next_k = math.floor((time + half) * rate) + 1
+    return taken
 
 
 @pytest.fixture(scope="session")

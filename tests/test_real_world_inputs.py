@@ -2,17 +2,15 @@
 that nobody here wrote (see /work/shared/notes/real-world-inputs.md).
 
 Each input goes through `main()` with the tiny SAM3 at the default 1 sample per second and is
-checked as a user would: the run exits 0 with "complete" metadata, one frame was processed per
-whole second of video time that holds a frame (counted by ffprobe, not by our decoder), and the
-overlay MP4 is H.264 yuv420p at the size the video is displayed at (cropped to even), with that
+checked as a user would: the run exits 0 with "complete" metadata, the frame nearest each second
+of video time was processed and none was invented in a gap (found from the frame times ffprobe
+lists, not from our decoder), and the overlay MP4 is H.264 yuv420p at the size the video is displayed at (cropped to even), with that
 many frames.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -22,15 +20,11 @@ import numpy as np
 import pytest
 
 import process_segmentation as ps
+from conftest import sampled_times
+from ffmpeg_tools import FFMPEG, FFPROBE, QUIET, ffmpeg, ffprobe_stream, frame_times, require_ffmpeg
 
-FFMPEG, FFPROBE = shutil.which("ffmpeg"), shutil.which("ffprobe")
-if not (FFMPEG and FFPROBE):
-    pytest.skip(
-        "ffmpeg and ffprobe are needed to make these inputs (Debian: apt-get install ffmpeg)",
-        allow_module_level=True,
-    )
+require_ffmpeg()
 
-QUIET = ["-hide_banner", "-loglevel", "error", "-nostdin", "-y"]
 CLIP = ["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25:duration=3"]
 TONE = ["-f", "lavfi", "-i", "sine=frequency=440:duration=3"]
 
@@ -80,10 +74,6 @@ ENCODES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def ffmpeg(*args: str | Path) -> None:
-    subprocess.run([FFMPEG, *QUIET, *map(str, args)], check=True, capture_output=True)
-
-
 def make_phone_clip(folder: Path) -> Path:
     """A landscape encode (testsrc2 is not symmetric) given a 90-degree display matrix, as phones
     write them. ffmpeg 5.1 honours the `rotate` tag only when stream-copying."""
@@ -126,37 +116,28 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def seconds_holding_frames(video: Path) -> list[int]:
-    """The whole seconds k (from the first frame) such that some frame's presentation time minus
-    the first frame's lies in [k, k + 1): where a 1 fps sampler must take one frame each.
-
-    ffprobe prints each time as exact decimals (trailing fields and blank lines come from side
-    data); a cut file still lists the frames that decode, and ffprobe exits 0.
-    """
-    listing = subprocess.run(
-        [FFPROBE, "-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts_time"]
-        + ["-of", "csv=p=0", str(video)],
-        capture_output=True,
-        text=True,
-    ).stdout
-    fields = [line.split(",")[0] for line in listing.splitlines()]
-    times = [Fraction(field) for field in fields if field not in ("", "N/A")]
-    assert times, f"ffprobe lists no frame times for {video}"
-    return sorted({k for t in times if (k := math.floor(t - times[0])) >= 0})
+def expected_samples(video: Path) -> list[float]:
+    """The times (from the first frame) of the frames a 1 fps sampler must take (`sampled_times`),
+    from the frame times ffprobe lists and its average frame rate."""
+    average_interval = 1 / ffprobe_stream(video)["avg_frame_rate"]
+    return sampled_times([float(time) for time in frame_times(video)], float(average_interval))
 
 
 def displayed_size(video: Path) -> tuple[int, int]:
-    """(width, height) as a player shows the video: a 90/270-degree display matrix swaps them."""
+    """(width, height) as a player shows the video: stored pixels stretched to square by the sample
+    aspect ratio (ffmpeg's scaler sets one where it keeps the picture's shape), then a 90/270-degree
+    display matrix swaps them."""
     probe = subprocess.run(
         [FFPROBE, "-v", "error", "-select_streams", "v:0", "-of", "json"]
-        + ["-show_entries", "stream=width,height:stream_side_data=rotation", str(video)],
+        + ["-show_entries", "stream=width,height,sample_aspect_ratio:stream_side_data=rotation", str(video)],
         capture_output=True,
         text=True,
         check=True,
     )
     stream = json.loads(probe.stdout)["streams"][0]
     rotation = next((int(d["rotation"]) for d in stream.get("side_data_list", []) if "rotation" in d), 0)
-    size = (stream["width"], stream["height"])
+    ratio = Fraction(stream.get("sample_aspect_ratio", "1:1").replace(":", "/")) or 1
+    size = (round(stream["width"] * ratio), stream["height"])
     return size[::-1] if rotation % 180 else size
 
 
@@ -176,7 +157,7 @@ def run_one(
 
 
 def check_complete_run(
-    video: Path, output_dir: Path, code: int, stderr: str, expected_seconds: list[int]
+    video: Path, output_dir: Path, code: int, stderr: str, expected_times: list[float]
 ) -> tuple[dict, list[np.ndarray]]:
     """The checks every input must pass; returns (metadata, the output MP4's frames as RGB)."""
     assert code == 0, stderr
@@ -185,8 +166,8 @@ def check_complete_run(
     metadata = json.loads((folder / f"{video.stem}_metadata.json").read_text())
     assert metadata["status"] == "complete"
     sampled = metadata["sampled_timestamps"]
-    assert metadata["frames_processed"] == len(expected_seconds), (sampled, expected_seconds)
-    assert sorted({math.floor(t) for t in sampled}) == expected_seconds, "one sample in each such second"
+    assert sampled == pytest.approx(expected_times, abs=1e-3), "the frame nearest each second of video time"
+    assert metadata["frames_processed"] == len(expected_times)
     width, height = displayed_size(video)
     assert (metadata["width"], metadata["height"]) == (width, height), "metadata gives the displayed size"
 
@@ -196,7 +177,7 @@ def check_complete_run(
         assert stream.codec_context.name == "h264" and stream.codec_context.pix_fmt == "yuv420p"
         even_size = (width - width % 2, height - height % 2)
         assert (stream.width, stream.height) == even_size, "output MP4 at the displayed size, cropped to even"
-    assert len(frames) == len(expected_seconds)
+    assert len(frames) == len(expected_times)
     return metadata, frames
 
 
@@ -204,7 +185,7 @@ def check_complete_run(
 def test_real_world_input_completes_one_frame_per_second(case, inputs, tiny_model_dir, tmp_path, capsys):
     video = inputs[case]
     code, stderr = run_one(video, tmp_path, tiny_model_dir, capsys)
-    metadata, _ = check_complete_run(video, tmp_path, code, stderr, seconds_holding_frames(video))
+    metadata, _ = check_complete_run(video, tmp_path, code, stderr, expected_samples(video))
     assert metadata.get("rotation", 0) == 0
 
 
@@ -246,7 +227,7 @@ def orientation_scores(frame: np.ndarray, reference: np.ndarray) -> dict[str, fl
 def test_phone_clip_is_processed_upright(inputs, tiny_model_dir, tmp_path, capsys):
     phone = inputs["phone"]
     code, stderr = run_one(phone, tmp_path, tiny_model_dir, capsys)
-    metadata, frames = check_complete_run(phone, tmp_path, code, stderr, seconds_holding_frames(phone))
+    metadata, frames = check_complete_run(phone, tmp_path, code, stderr, expected_samples(phone))
     assert (metadata["width"], metadata["height"]) == (180, 320)
     assert metadata["rotation"] == 90  # as PyAV's frame.rotation reports it (ffprobe: rotation=90)
 
@@ -264,11 +245,11 @@ def test_phone_clip_is_processed_upright(inputs, tiny_model_dir, tmp_path, capsy
 
 def test_cut_faststart_mp4_keeps_the_part_that_decodes(inputs, tiny_model_dir, tmp_path, capsys):
     cut = inputs["cut"]
-    decodable = seconds_holding_frames(cut)
+    decodable = expected_samples(cut)
     assert 3 <= len(decodable) <= 7, f"the cut should leave about half of the 10 s: {decodable}"
     code, stderr = run_one(cut, tmp_path, tiny_model_dir, capsys)
     metadata, _ = check_complete_run(cut, tmp_path, code, stderr, decodable)
     # what the index promised: the whole 10 s at 1 fps
-    assert metadata["frames_expected"] == len(seconds_holding_frames(inputs["cut-whole"])) == 10
+    assert metadata["frames_expected"] == len(expected_samples(inputs["cut-whole"])) == 10
     error = metadata["decode_error"]
     assert isinstance(error, str) and error.strip() and "\n" not in error
