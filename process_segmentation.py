@@ -16,7 +16,8 @@ Usage:
   python process_segmentation.py /data/videos --shard-index 3 --num-shards 10   # this job's share
   python process_segmentation.py --summarize OUTPUT_DIR [videos/]               # done / partial / failed / missing
 
-Frames are decoded, tracked, drawn and encoded one at a time, and the model is loaded once per run.
+Frames stream through: a decode thread, SAM3 in the main thread and the outputs in a forked process
+work side by side, a few frames apart (--serial: one after another). The model is loaded once per run.
 Exit status: 0 when every video is complete, 1 when any video failed, 2 on a usage error.
 """
 
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import math
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,14 @@ import av
 from tqdm import tqdm
 
 from sam3_pipeline.dataset import Video, collect_videos, select_shard
-from sam3_pipeline.device import DTYPES, choose_device, choose_dtype, describe_device, dtype_name
+from sam3_pipeline.device import (
+    DTYPES,
+    choose_device,
+    choose_dtype,
+    describe_device,
+    dtype_name,
+    leave_a_core_free,
+)
 from sam3_pipeline.messages import UsageError, VideoError, log, one_line, redact
 from sam3_pipeline.outputs import (
     ObjectTrack,
@@ -59,7 +68,17 @@ from sam3_pipeline.outputs import (
     write_json,
 )
 from sam3_pipeline.overlay import PreviewSheet, draw_overlay
-from sam3_pipeline.sam3 import DEFAULT_CHUNK_FRAMES, Segmenter, check_prompts, load_segmenter, track_objects
+from sam3_pipeline.sam3 import (
+    DEFAULT_CHUNK_FRAMES,
+    ModelFrame,
+    Segmenter,
+    check_prompts,
+    load_segmenter,
+    model_frames,
+    prepare_frames,
+    track_objects,
+)
+from sam3_pipeline.stages import ChildProcess, RunAhead, StageTimes
 from sam3_pipeline.summary import summarize
 from sam3_pipeline.video_io import (
     DecodeReport,
@@ -76,6 +95,9 @@ DEFAULT_SAMPLE_FPS = Fraction(1)
 # Frames further apart than this share nothing for SAM3 to track: one per hour is already a series
 # of stills. Below it a typo (0.0004 for 0.04) would quietly process almost nothing.
 MIN_SAMPLE_FPS = Fraction(1, 3600)
+# Frames waiting between two stages: enough to ride out one slow frame, few enough that memory
+# stays flat (a 720p frame with SAM3's input is ~15 MB; its 20 objects' logits ~7 MB).
+STAGE_QUEUE_DEPTH = 4
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -146,6 +168,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="process nothing; print the device and precision a run would use, or why it cannot (exit 2)",
     )
     parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="decode, run SAM3 and write outputs one after another in one thread rather than side by side "
+        "(the same outputs, slower; for comparison)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="redo videos whose results are already complete"
     )
     parser.add_argument(
@@ -189,10 +217,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What the outputs stage saw of a video, for its metadata."""
+
+    tracks: dict[int, ObjectTrack]
+    timestamps: list[float]  # each output frame's time in the video, seconds
+    frame_indices: list[int]  # each output frame's index in the source
+    windows: list[int]  # frames per SAM3 session
+    stage_seconds: dict[str, float]
+
+
+def draw_and_record(
+    frames: Iterable[ModelFrame], size: tuple[int, int], fps: Fraction, local: dict[str, Path], write_tracks: bool
+) -> Recorded:
+    """The outputs stage: masks and IDs from SAM3's output, then per frame the overlay (encoded
+    to H.264), the preview, the tracks and MOT rows and the per-object summary, into the files
+    named in `local` (all but the metadata). size: (H, W) of every frame."""
+    times = StageTimes()
+    summaries: dict[int, ObjectTrack] = {}
+    timestamps: list[float] = []
+    frame_indices: list[int] = []
+    windows: list[int] = []
+    preview = PreviewSheet(size)
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(H264Writer(local["video"], size[1], size[0], fps))
+        track_writer = stack.enter_context(TrackWriter(local["tracks"], local["mot"], size)) if write_tracks else None
+        for sample, detections in track_objects(frames, size, windows, times):
+            frame_number = len(timestamps)
+            with times.measure("overlay"):
+                drawn = draw_overlay(sample.rgb, detections)
+            with times.measure("encode"):
+                writer.write(drawn)
+            with times.measure("preview"):
+                preview.offer(frame_number, sample.timestamp, drawn)
+            with times.measure("tracks"):
+                if track_writer:
+                    track_writer.write(frame_number, sample, detections)
+                update_tracks(summaries, frame_number, sample.timestamp, detections)
+            timestamps.append(round(sample.timestamp, 6))
+            frame_indices.append(sample.source_index)
+    with times.measure("preview"):
+        preview.save(local["preview"])
+    return Recorded(summaries, timestamps, frame_indices, windows, times.rounded())
+
+
 def process_video(
     video: Video, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Segment one video: decode -> SAM3 -> overlay -> encode, frame by frame. Returns its metadata."""
+    """Segment one video: decode -> SAM3 -> masks, overlay, H.264 and records, frame by frame, the
+    stages side by side (unless --serial). Returns its metadata; its files are in place."""
     started = time.monotonic()
     source = video.path
     try:
@@ -204,10 +278,6 @@ def process_video(
     products = ["video", "preview", *(["tracks", "mot"] if args.tracks else [])]
     for key in {"tracks", "mot"} - set(products):  # not part of this run's results
         paths[key].unlink(missing_ok=True)
-    tracks: dict[int, ObjectTrack] = {}
-    windows: list[int] = []
-    timestamps: list[float] = []
-    frame_indices: list[int] = []
     report = DecodeReport()
     with container, scratch_dir() as scratch:
         info = read_video_info(container, source)
@@ -215,7 +285,8 @@ def process_video(
         expected = math.ceil(info.duration * fps_out) if info.duration else None
         if args.max_frames and expected:
             expected = min(expected, args.max_frames)
-        frames = sample_frames(container, args.sample_fps, args.max_frames, report)
+        times = StageTimes()
+        frames = times.iterate("decode", sample_frames(container, args.sample_fps, args.max_frames, report))
         try:
             first = next(frames, None)
         except av.FFmpegError as error:
@@ -224,31 +295,30 @@ def process_video(
             raise VideoError(f"{source}: no frames could be decoded")
         size = first.rgb.shape[:2]  # as displayed: (H, W) after the display matrix
         local = {key: Path(scratch) / paths[key].name for key in products}
-        preview = PreviewSheet(size)
         with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(H264Writer(local["video"], size[1], size[0], fps_out))
-            track_writer = (
-                stack.enter_context(TrackWriter(local["tracks"], local["mot"], size)) if args.tracks else None
-            )
             progress = stack.enter_context(
                 tqdm(total=expected, unit="frame", desc=video.key, leave=False, dynamic_ncols=True)
             )
-            for sample, detections in track_objects(
-                segmenter, itertools.chain([first], frames), args.prompts, size, args.chunk_frames, windows
-            ):
-                frame_number = len(timestamps)
-                drawn = draw_overlay(sample.rgb, detections)
-                writer.write(drawn)
-                preview.offer(frame_number, sample.timestamp, drawn)
-                if track_writer:
-                    track_writer.write(frame_number, sample, detections)
-                update_tracks(tracks, frame_number, sample.timestamp, detections)
-                timestamps.append(round(sample.timestamp, 6))
-                frame_indices.append(sample.source_index)
-                progress.update()
-                if report.timestamp_discontinuities and progress.total:  # the container's duration misled
-                    progress.total = None
-        preview.save(local["preview"])
+
+            def counted(outputs: Iterator[ModelFrame]) -> Iterator[ModelFrame]:
+                for output in outputs:
+                    if not output.shared:  # a frame two windows share is one frame of the video
+                        progress.update()
+                    if report.timestamp_discontinuities and progress.total:  # the container's duration misled
+                        progress.total = None
+                    yield output
+
+            samples = itertools.chain([first], frames)
+            finish = (size, fps_out, local, args.tracks)
+            if args.serial:
+                prepared = prepare_frames(segmenter, samples, times)
+            else:  # the outputs process is forked first, before this process starts a thread
+                outputs_process = stack.enter_context(ChildProcess(draw_and_record, finish, STAGE_QUEUE_DEPTH))
+                prepared = stack.enter_context(
+                    RunAhead(prepare_frames(segmenter, samples, times), STAGE_QUEUE_DEPTH, "decode")
+                )
+            outputs = counted(model_frames(segmenter, prepared, args.prompts, args.chunk_frames, times))
+            recorded = draw_and_record(outputs, *finish) if args.serial else outputs_process.run(outputs)
         outputs = {key: file_record(local[key]) for key in products}
         for key in products:  # the metadata, written by the caller, comes last
             publish(local[key], paths[key])
@@ -258,7 +328,7 @@ def process_video(
     geometry = report.geometry
     if report.timestamp_discontinuities:
         expected = None  # estimated from the container's duration, which does not span restarts
-    objects = sorted(tracks.values(), key=lambda track: track.object_id)
+    objects = sorted(recorded.tracks.values(), key=lambda track: track.object_id)
     return {
         "status": "complete",
         "key": video.key,
@@ -282,14 +352,14 @@ def process_video(
         "max_frames": args.max_frames,
         "chunking": {
             "chunk_frames": args.chunk_frames,
-            "windows": len(windows),
-            "frames_per_window": windows,
+            "windows": len(recorded.windows),
+            "frames_per_window": recorded.windows,
         },
-        "frames_processed": len(timestamps),
+        "frames_processed": len(recorded.timestamps),
         "frames_expected": expected,
         "decode_error": report.error,
-        "sampled_timestamps": timestamps,
-        "sampled_frame_indices": frame_indices,
+        "sampled_timestamps": recorded.timestamps,
+        "sampled_frame_indices": recorded.frame_indices,
         "prompts": list(args.prompts),
         "objects_detected": len(objects),
         "objects_per_prompt": {prompt: sum(t.prompt == prompt for t in objects) for prompt in args.prompts},
@@ -312,7 +382,9 @@ def process_video(
         "dtype": dtype_name(segmenter.dtype),
         "postprocessing": segmenter.postprocessing,
         "processing_seconds": round(seconds, 3),
-        "frames_per_second": round(len(timestamps) / seconds, 3) if seconds > 0 else None,
+        "pipeline": "serial" if args.serial else "overlapped",
+        "stage_seconds": {**times.rounded(), **recorded.stage_seconds},
+        "frames_per_second": round(len(recorded.timestamps) / seconds, 3) if seconds > 0 else None,
         "output_video": str(paths["video"]),
         "outputs": outputs,
         "output_codec": "h264",
@@ -349,7 +421,7 @@ def record_failure(video: Video, paths: dict[str, Path], error: BaseException) -
     return message
 
 
-def times(count: int) -> str:
+def how_often(count: int) -> str:
     return "once" if count == 1 else f"{count} times"
 
 
@@ -362,10 +434,10 @@ def log_notes(video: Video, metadata: dict[str, Any]) -> None:
             f"({metadata['frames_processed']}{expected} frames kept): {metadata['decode_error']}"
         )
     if count := metadata["timestamp_discontinuities"]:
-        log(f"note: {video.path}: its timestamps restart or jump {times(count)}; video time runs on across them")
+        log(f"note: {video.path}: its timestamps restart or jump {how_often(count)}; video time runs on across them")
     if count := metadata["size_changes"]:
         log(
-            f"note: {video.path}: its frame size changes {times(count)}; every frame is scaled to the "
+            f"note: {video.path}: its frame size changes {how_often(count)}; every frame is scaled to the "
             f"first one's {metadata['width']}x{metadata['height']}"
         )
 
@@ -422,6 +494,8 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return EXIT_FAILED if failures else EXIT_OK
 
+    if not args.serial:
+        leave_a_core_free(device)
     segmenter = load_segmenter(args.model, device, dtype)
     check_prompts(segmenter.processor, args.prompts)
     log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")

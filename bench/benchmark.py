@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_ours(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
+def run_ours(clip: Path, model_dir: Path, frames: int, workdir: Path, *options: str) -> dict:
     import process_segmentation as ps
 
     code = ps.main(
@@ -70,12 +70,42 @@ def run_ours(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
             str(frames),
             "--prompts",
             *PROMPTS,
+            *options,
         ]
     )
     if code != 0:
         raise SystemExit(f"process_segmentation.py exited {code}")
     metadata = json.loads((workdir / clip.stem / f"{clip.stem}_metadata.json").read_text())
-    return {"frames": metadata["frames_processed"], "seconds": metadata["processing_seconds"]}
+    return {
+        "frames": metadata["frames_processed"],
+        "seconds": metadata["processing_seconds"],
+        "stage_seconds": metadata["stage_seconds"],
+    }
+
+
+def run_serial(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
+    """Ours with every stage one after another in one thread (--serial): the same outputs."""
+    return run_ours(clip, model_dir, frames, workdir, "--serial")
+
+
+def run_sam3_alone(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
+    """SAM3's own time on the same frames, the floor for ours: the frames decoded and prepared
+    first, then only SAM3's per-frame calls (`add_new_frame` and the model, in the same windows of
+    sessions, with the logits brought to the CPU), as process_segmentation's SAM3 stage makes them."""
+    import av
+    import torch
+
+    from sam3_pipeline.sam3 import DEFAULT_CHUNK_FRAMES, load_segmenter, model_frames, prepare_frames
+    from sam3_pipeline.stages import StageTimes
+    from sam3_pipeline.video_io import sample_frames
+
+    segmenter = load_segmenter(str(model_dir), torch.device("cpu"), torch.float32)
+    times = StageTimes()
+    with av.open(str(clip)) as container:
+        prepared = list(prepare_frames(segmenter, sample_frames(container, 0, frames), times))
+    for _ in model_frames(segmenter, prepared, PROMPTS, DEFAULT_CHUNK_FRAMES, times):
+        pass
+    return {"frames": len(prepared), "seconds": round(times.seconds["sam3"], 3)}
 
 
 def run_naive(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
@@ -135,15 +165,20 @@ def run_naive(clip: Path, model_dir: Path, frames: int, workdir: Path) -> dict:
     return {"frames": len(images), "seconds": round(time.monotonic() - started, 3)}
 
 
+APPROACHES = {"ours": run_ours, "serial": run_serial, "sam3": run_sam3_alone, "naive": run_naive}
+
+
 def worker(approach: str, clip: Path, model_dir: Path, frames: int) -> None:
     """One measurement, in this process; prints its result as JSON on the last line."""
     import torch
 
     torch.set_num_threads(1)  # the same for both; one thread was fastest on the 2-core CI machine
     with tempfile.TemporaryDirectory() as workdir:
-        result = (run_ours if approach == "ours" else run_naive)(clip, model_dir, frames, Path(workdir))
+        result = APPROACHES[approach](clip, model_dir, frames, Path(workdir))
     result["frames_per_second"] = round(result["frames"] / result["seconds"], 3)
     result["peak_rss_mb"] = round(peak_rss_mb())
+    # ours runs its outputs stage in a forked child per video; Linux reports the largest child's peak
+    result["child_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     print(json.dumps(result))
 
 
@@ -192,11 +227,12 @@ def table(rows: list[dict], size: tuple[int, int], objects: int) -> str:
         f"Synthetic {size[0]}x{size[1]} clip, tiny random SAM3 tracking {objects} objects, every frame sampled. "
         f"Machine: {machine()}.",
         "",
-        "| sampled frames | ours frames/s | naive frames/s | speed-up | ours peak RSS | naive peak RSS |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| sampled frames | ours frames/s | ours / SAM3 alone | serial frames/s | naive frames/s "
+        "| speed-up over naive | ours peak RSS (+ outputs process) | naive peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        ours, naive = row["ours"], row["naive"]
+        ours, serial, alone, naive = row["ours"], row["serial"], row["sam3"], row["naive"]
         if "skipped" in naive:
             naive_fps, speedup, naive_rss = "not run", "-", naive["skipped"]
         else:
@@ -204,14 +240,28 @@ def table(rows: list[dict], size: tuple[int, int], objects: int) -> str:
             speedup = f"{ours['frames_per_second'] / naive['frames_per_second']:.1f}x"
             naive_rss = f"{naive['peak_rss_mb']:,} MB"
         lines.append(
-            f"| {row['frames']} | {ours['frames_per_second']:.2f} | {naive_fps} | {speedup} "
-            f"| {ours['peak_rss_mb']:,} MB | {naive_rss} |"
+            f"| {row['frames']} | {ours['frames_per_second']:.2f} | {ours['seconds'] / alone['seconds']:.2f} "
+            f"| {serial['frames_per_second']:.2f} | {naive_fps} | {speedup} "
+            f"| {ours['peak_rss_mb']:,} MB (+ {ours['child_peak_rss_mb']:,} MB) | {naive_rss} |"
         )
-    first, last = rows[0]["ours"], rows[-1]["ours"]
+    first, last = rows[0], rows[-1]
     lines += [
         "",
-        f"Ours: peak RSS at {rows[-1]['frames']} frames is {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}x "
-        f"that at {rows[0]['frames']} frames.",
+        f"Ours: peak RSS at {last['frames']} frames is {last['ours']['peak_rss_mb'] / first['ours']['peak_rss_mb']:.2f}x "
+        f"that at {first['frames']} frames (outputs process: "
+        f"{last['ours']['child_peak_rss_mb'] / first['ours']['child_peak_rss_mb']:.2f}x).",
+        "",
+        f"Seconds of work per stage at {first['frames']} frames, stages side by side (serial in brackets); "
+        f"SAM3 alone on the same frames: {first['sam3']['seconds']:.2f} s.",
+        "",
+        "| " + " | ".join(first["ours"]["stage_seconds"]) + " |",
+        "| " + " | ".join("---" for _ in first["ours"]["stage_seconds"]) + " |",
+        "| "
+        + " | ".join(
+            f"{seconds:.2f} ({first['serial']['stage_seconds'].get(stage, 0):.2f})"
+            for stage, seconds in first["ours"]["stage_seconds"].items()
+        )
+        + " |",
     ]
     return "\n".join(lines)
 
@@ -609,6 +659,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--readme", type=Path, help="write the table between the benchmark markers of this file"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of ours, serial and SAM3 alone per frame count; the run with the median time is reported "
+        "(on a 2-core VM, single runs of the same thing differ by 10%%)",
+    )
     full = parser.add_argument_group("--full-size", "the full-size SAM3 through process_segmentation.main()")
     full.add_argument("--full-size", action="store_true", help="measure the full-size random SAM3 instead")
     full.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
@@ -642,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds: skip a run that, by the previous run's speed, would end later than this after the "
         f"start (default {CPU_DEADLINE_S} on the CPU, none on CUDA; 0 = none)",
     )
-    parser.add_argument("--worker", choices=("ours", "naive", "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*APPROACHES, "full"), help=argparse.SUPPRESS)
     parser.add_argument("--clip", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -661,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         return full_size_main(args)
     args.frames = args.frames or [60, 600]
     if args.small:
-        args.frames, args.size, args.objects_per_prompt = [3, 6], "320x180", 2
+        args.frames, args.size, args.objects_per_prompt, args.repeat = [3, 6], "320x180", 2, 1
     width, height = map(int, args.size.split("x"))
     objects = 2 * args.objects_per_prompt
 
@@ -677,7 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         rows = []
         for frames in sorted(args.frames):
-            row = {"frames": frames, "ours": measure("ours", clip, model_dir, frames)}
+            row = {"frames": frames}
+            for approach in ("ours", "serial", "sam3"):
+                runs = sorted(
+                    (measure(approach, clip, model_dir, frames) for _ in range(args.repeat)),
+                    key=lambda run: run["seconds"],
+                )
+                row[approach] = {**runs[len(runs) // 2], "all_seconds": [run["seconds"] for run in runs]}
             needed = naive_estimate_gb(frames, width, height, objects)
             if needed > MEMORY_HEADROOM * memory_gb:
                 row["naive"] = {"skipped": f"~{needed:.0f} GB (est.), over this machine's {memory_gb:.0f} GB"}

@@ -86,3 +86,13 @@ def describe_device(device: torch.device, dtype: torch.dtype) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def leave_a_core_free(device: torch.device) -> None:
+    """On the CPU, keep SAM3's threads off one core when the stages run side by side: PyTorch
+    takes every core by default, and its threads then spin against the decode thread and the
+    outputs process (measured on 2 cores: SAM3's time per frame up by half). A lower thread count
+    set by the user (OMP_NUM_THREADS, torch.set_num_threads) is kept."""
+    cores = len(os.sched_getaffinity(0))
+    if device.type == "cpu" and cores > 1 and torch.get_num_threads() >= cores:
+        torch.set_num_threads(cores - 1)

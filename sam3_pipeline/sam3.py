@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sam3_pipeline.messages import UsageError, one_line
+from sam3_pipeline.stages import StageTimes
 from sam3_pipeline.video_io import SampledFrame
 
 MAX_PROMPT_TOKENS = 32  # SAM3's text encoder pads every prompt to exactly this many tokens
@@ -177,6 +178,11 @@ def upsample_region(
     rows [rows) and columns [cols): the same values as that region of torch's
     `interpolate(mode="bilinear", align_corners=False)` over the whole frame (to ~1e-4)."""
     (height, width), (h, w) = size, logits.shape
+    if 3 * (rows[1] - rows[0]) * (cols[1] - cols[0]) > height * width:
+        # Most of the frame: OpenCV's separable resize of the whole frame samples the same points
+        # (to float rounding) about 3x faster than warping the region.
+        whole = cv2.resize(logits, (width, height), interpolation=cv2.INTER_LINEAR)
+        return whole[rows[0] : rows[1], cols[0] : cols[1]]
     scale_y, scale_x = h / height, w / width
     # output pixel (x, y) of the region samples source ((x + x0 + 0.5) * scale - 0.5, ...), clamped
     to_source = np.array(
@@ -222,9 +228,9 @@ def masks_from_logits(
         if crops[i] is None:
             continue
         y0, x0, crop = crops[i]
-        taken = claimed.setdefault(groups[i], np.zeros(size, dtype=bool))[
-            y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]
-        ]
+        if groups[i] not in claimed:
+            claimed[groups[i]] = np.zeros(size, dtype=bool)
+        taken = claimed[groups[i]][y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
         np.greater(crop, taken, out=crop)  # crop and not taken
         taken |= crop
         left, top, box_w, box_h = cv2.boundingRect(crop.view(np.uint8))
@@ -234,34 +240,87 @@ def masks_from_logits(
     return results
 
 
-def detections_from_output(output: Any, session: Any, size: tuple[int, int]) -> Detections:
-    """One frame of `Sam3VideoModel` output -> the objects to draw, hidden objects left out."""
+@dataclasses.dataclass(frozen=True)
+class PreparedFrame:
+    """A sampled frame and SAM3's input made from it."""
+
+    sample: SampledFrame
+    pixels: torch.Tensor  # (3, S, S) float, resized and normalised for SAM3, on the model's device
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOutput:
+    """One frame of SAM3's output, on the CPU: what masks and records are made from."""
+
+    object_ids: list[int]  # this session's IDs, hidden objects left out
+    prompts: list[str]
+    scores: list[float]  # detection scores
+    priorities: list[float]  # tracker scores: which object a pixel goes to where masks overlap
+    groups: list[int]  # prompt index: overlaps are resolved within a prompt only
+    logits: np.ndarray  # (N, h, w) float32 low-resolution mask logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFrame:
+    """A frame through SAM3, in the order of the video."""
+
+    sample: SampledFrame
+    window: int  # which session (window of frames) it came from, from 0
+    shared: bool  # the frame this window shares with the one before: for matching IDs only
+    output: SessionOutput
+
+
+def prepare_frames(
+    segmenter: Segmenter, samples: Iterable[SampledFrame], times: StageTimes
+) -> Iterator[PreparedFrame]:
+    """SAM3's input for each frame: independent of the session, so it can be made ahead of it."""
+    for sample in samples:
+        with times.measure("preprocess"):
+            pixels = segmenter.processor.video_processor(
+                videos=[sample.rgb], device=segmenter.device, return_tensors="pt"
+            ).pixel_values_videos[0]
+        yield PreparedFrame(sample, pixels)
+
+
+def session_output(output: Any, session: Any) -> SessionOutput:
+    """One frame of `Sam3VideoModel` output, hidden objects left out, its logits on the CPU."""
     hidden = set(output.suppressed_obj_ids or ()) | set(session.hotstart_removed_obj_ids)
     object_ids = [obj_id for obj_id in sorted(output.obj_id_to_mask) if obj_id not in hidden]
-    if not object_ids:
-        return Detections.empty()
-    logits = torch.cat([output.obj_id_to_mask[obj_id] for obj_id in object_ids]).float().cpu().numpy()
-    masks = masks_from_logits(
-        logits,
-        priorities=[output.obj_id_to_tracker_score.get(obj_id, 0.0) for obj_id in object_ids],
+    logits = (
+        torch.cat([output.obj_id_to_mask[obj_id] for obj_id in object_ids]).float().cpu().numpy()
+        if object_ids
+        else np.zeros((0, 1, 1), np.float32)
+    )
+    return SessionOutput(
+        object_ids=object_ids,
+        prompts=[session.prompts[session.obj_id_to_prompt_id[obj_id]] for obj_id in object_ids],
+        scores=[float(output.obj_id_to_score[obj_id]) for obj_id in object_ids],
+        priorities=[float(output.obj_id_to_tracker_score.get(obj_id, 0.0)) for obj_id in object_ids],
         groups=[session.obj_id_to_prompt_id[obj_id] for obj_id in object_ids],
-        size=size,
+        logits=logits,
     )
-    kept = [(obj_id, mask) for obj_id, mask in zip(object_ids, masks, strict=True) if mask is not None]
+
+
+def detections_from(output: SessionOutput, size: tuple[int, int]) -> Detections:
+    """The objects to draw on a frame of `size` (H, W): full-resolution masks cut to their boxes;
+    objects whose mask is empty at that size are left out."""
+    if not output.object_ids:
+        return Detections.empty()
+    masks = masks_from_logits(output.logits, output.priorities, output.groups, size)
+    kept = [index for index, mask in enumerate(masks) if mask is not None]
     return Detections(
-        object_ids=np.array([obj_id for obj_id, _ in kept], dtype=np.int64),
-        prompts=[session.prompts[session.obj_id_to_prompt_id[obj_id]] for obj_id, _ in kept],
-        scores=np.array([float(output.obj_id_to_score[obj_id]) for obj_id, _ in kept], dtype=np.float32),
-        boxes=np.array([box for _, (box, _) in kept], dtype=np.int64).reshape(-1, 4),
-        masks=[crop for _, (_, crop) in kept],
+        object_ids=np.array([output.object_ids[i] for i in kept], dtype=np.int64),
+        prompts=[output.prompts[i] for i in kept],
+        scores=np.array([output.scores[i] for i in kept], dtype=np.float32),
+        boxes=np.array([masks[i][0] for i in kept], dtype=np.int64).reshape(-1, 4),
+        masks=[masks[i][1] for i in kept],
     )
 
 
-def track_window(
-    segmenter: Segmenter, frames: Iterable[SampledFrame], prompts: Sequence[str], size: tuple[int, int]
-) -> Iterator[tuple[SampledFrame, Detections]]:
-    """Run SAM3 over streamed frames in one fresh session, all prompts at once; yield each
-    frame's objects with this session's IDs.
+def session_outputs(
+    segmenter: Segmenter, frames: Iterable[PreparedFrame], prompts: Sequence[str], times: StageTimes
+) -> Iterator[tuple[PreparedFrame, SessionOutput]]:
+    """Run SAM3 over streamed frames in one fresh session, all prompts at once.
 
     This is `propagate_in_video_iterator` fed frame by frame: the session is not handed the
     frames up front, so they are not all decoded at once. Like that iterator, outputs are held
@@ -270,23 +329,56 @@ def track_window(
     model, processor = segmenter.model, segmenter.processor
     session = processor.init_video_session(inference_device=segmenter.device, dtype=segmenter.dtype)
     processor.add_text_prompt(session, list(prompts))
-    pending: deque[tuple[SampledFrame, Any]] = deque()
+    pending: deque[tuple[PreparedFrame, Any]] = deque()
     delay = max(int(model.hotstart_delay), 1)
-    with torch.inference_mode():
-        for frame_idx, sample in enumerate(frames):
-            pixels = processor.video_processor(
-                videos=[sample.rgb], device=segmenter.device, return_tensors="pt"
-            )
-            session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
+    # Inference mode is entered per call, never held across a `yield`: a generator left suspended
+    # (its video failed further down) would otherwise leave it switched on, and restore it out of
+    # turn when collected, in the middle of the next video's session.
+    for frame_idx, frame in enumerate(frames):
+        with times.measure("sam3"), torch.inference_mode():
+            session.add_new_frame(frame.pixels, frame_idx=frame_idx)
             output = model(inference_session=session, frame_idx=frame_idx)
             session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
-            pending.append((sample, output))
-            if len(pending) >= delay:
-                sample, output = pending.popleft()
-                yield sample, detections_from_output(output, session, size)
-        while pending:
-            sample, output = pending.popleft()
-            yield sample, detections_from_output(output, session, size)
+        pending.append((frame, output))
+        if len(pending) >= delay:
+            frame, output = pending.popleft()
+            with times.measure("sam3"), torch.inference_mode():
+                ready = session_output(output, session)
+            yield frame, ready
+    while pending:
+        frame, output = pending.popleft()
+        with times.measure("sam3"), torch.inference_mode():
+            ready = session_output(output, session)
+        yield frame, ready
+
+
+def model_frames(
+    segmenter: Segmenter,
+    frames: Iterable[PreparedFrame],
+    prompts: Sequence[str],
+    chunk_frames: int,
+    times: StageTimes | None = None,
+) -> Iterator[ModelFrame]:
+    """SAM3 over a video of any length, in windows of at most `chunk_frames` frames.
+
+    SAM3's session keeps every frame and per-object memory for every frame, so memory would grow
+    with the video. Each window is a fresh session; consecutive windows share one frame: the last
+    frame of a window is fed again to the next session, and comes out of it marked `shared`, so
+    that its objects can be matched to the previous window's (`ObjectIds`).
+    """
+    times = times if times is not None else StageTimes()
+    frames = iter(frames)
+    upcoming = next(frames, None)
+    last: PreparedFrame | None = None
+    window = 0
+    while upcoming is not None:
+        lead = [last] if last else []
+        feed = itertools.islice(itertools.chain(lead, [upcoming], frames), chunk_frames)
+        for position, (frame, output) in enumerate(session_outputs(segmenter, feed, prompts, times)):
+            yield ModelFrame(frame.sample, window, shared=bool(lead) and position == 0, output=output)
+            last = frame
+        window += 1
+        upcoming = next(frames, None)
 
 
 def mask_iou(box_a: np.ndarray, mask_a: np.ndarray, box_b: np.ndarray, mask_b: np.ndarray) -> float:
@@ -323,43 +415,50 @@ def match_objects(previous: Detections, current: Detections) -> dict[int, int]:
     return matches
 
 
-def track_objects(
-    segmenter: Segmenter,
-    frames: Iterable[SampledFrame],
-    prompts: Sequence[str],
-    size: tuple[int, int],
-    chunk_frames: int,
-    windows: list[int] | None = None,
-) -> Iterator[tuple[SampledFrame, Detections]]:
-    """Track through a video of any length in windows of at most `chunk_frames` frames.
+class ObjectIds:
+    """One ID per object for the whole video, from the IDs of its windows' sessions.
 
-    SAM3's session keeps every frame and per-object memory for every frame, so memory would grow
-    with the video. Each window is a fresh session; consecutive windows share one frame, on which
-    objects are matched by mask, so an object keeps its ID (and colour) across windows. That
-    shared frame is yielded once. `windows`, when given, receives each window's frame count.
+    IDs start at 1, as MOTChallenge files expect. On the frame two windows share, the new
+    session's objects are matched by mask to the previous window's (`match_objects`) and take
+    their IDs, so an object keeps its ID (and colour) across windows; the others get new ones.
     """
-    frames = iter(frames)
-    upcoming = next(frames, None)
-    carried: tuple[SampledFrame, Detections] | None = None
-    to_global: dict[int, int] = {}
-    next_id = 1  # IDs start at 1, as MOTChallenge files expect
-    while upcoming is not None:
-        lead = [carried[0]] if carried else []
-        window = itertools.islice(itertools.chain(lead, [upcoming], frames), chunk_frames)
-        overlap_pending = bool(lead)
-        count = 0
-        for sample, local in track_window(segmenter, window, prompts, size):
-            count += 1
-            if overlap_pending:  # the frame the previous window already yielded: only match on it
-                overlap_pending = False
-                to_global = match_objects(carried[1], local)
-                continue
-            for obj_id in map(int, local.object_ids):
-                if obj_id not in to_global:
-                    to_global[obj_id], next_id = next_id, next_id + 1
-            global_ids = np.array([to_global[int(obj_id)] for obj_id in local.object_ids], dtype=np.int64)
-            carried = (sample, dataclasses.replace(local, object_ids=global_ids))
-            yield carried
+
+    def __init__(self) -> None:
+        self.to_global: dict[int, int] = {}
+        self.next_id = 1
+        self.last: Detections | None = None  # the previous frame's objects, with global IDs
+
+    def assign(self, frame: ModelFrame, local: Detections) -> Detections | None:
+        """`local` with global IDs; None for a shared frame, which was already yielded once."""
+        if frame.shared:
+            self.to_global = match_objects(self.last, local)
+            return None
+        for obj_id in map(int, local.object_ids):
+            if obj_id not in self.to_global:
+                self.to_global[obj_id], self.next_id = self.next_id, self.next_id + 1
+        global_ids = np.array([self.to_global[int(obj_id)] for obj_id in local.object_ids], dtype=np.int64)
+        self.last = dataclasses.replace(local, object_ids=global_ids)
+        return self.last
+
+
+def track_objects(
+    frames: Iterable[ModelFrame],
+    size: tuple[int, int],
+    windows: list[int] | None = None,
+    times: StageTimes | None = None,
+) -> Iterator[tuple[SampledFrame, Detections]]:
+    """Each frame's objects, masks at `size` (H, W) and IDs for the whole video, from SAM3's
+    output over its windows (`model_frames`). The frame two windows share is yielded once.
+    `windows`, when given, receives each window's frame count."""
+    times = times if times is not None else StageTimes()
+    ids = ObjectIds()
+    for frame in frames:
         if windows is not None:
-            windows.append(count)
-        upcoming = next(frames, None)
+            if frame.window == len(windows):
+                windows.append(0)
+            windows[frame.window] += 1
+        with times.measure("masks"):
+            local = detections_from(frame.output, size)
+        detections = ids.assign(frame, local)
+        if detections is not None:
+            yield frame.sample, detections

@@ -26,14 +26,17 @@ def test_benchmark_small_mode_measures_both_approaches_and_fills_a_readme(tmp_pa
     rows = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
     assert [row["frames"] for row in rows] == [3, 6]
     for row in rows:
-        for approach in ("ours", "naive"):
+        for approach in ("ours", "serial", "sam3", "naive"):
             assert row[approach]["frames"] == row["frames"]
             assert row[approach]["frames_per_second"] > 0 and row[approach]["peak_rss_mb"] > 100
+        assert row["ours"]["seconds"] > row["sam3"]["seconds"], "SAM3 alone is the floor"
+        assert set(row["ours"]["stage_seconds"]) == set(row["serial"]["stage_seconds"]) >= {"decode", "sam3", "encode"}
 
     text = readme.read_text()
     assert "old table" not in text and text.endswith("<!-- benchmark:end -->\n\ntail\n")
     table = [line for line in text.splitlines() if line.startswith("| 3 ") or line.startswith("| 6 ")]
-    assert len(table) == 2 and all(line.count("|") == 7 for line in table)
+    assert len(table) == 2 and all(line.count("|") == 9 for line in table)
+    assert "| decode | preprocess | sam3 |" in text, "the time per stage"
 
 
 def test_benchmark_full_size_smoke_runs_one_frame_of_the_full_size_model(tmp_path):

@@ -20,7 +20,7 @@ import make_tiny_sam3
 import process_segmentation as ps
 from sam3_pipeline.outputs import output_problems
 from sam3_pipeline.overlay import PALETTE, draw_overlay, object_color
-from sam3_pipeline.sam3 import Detections, Segmenter, detections_from_output, match_objects
+from sam3_pipeline.sam3 import Detections, Segmenter, detections_from, match_objects, session_output
 from sam3_pipeline.video_io import H264Writer, output_rate, sample_frames
 from conftest import REPO, pitch_frame, sampled_times, write_test_video
 
@@ -179,7 +179,7 @@ def test_masks_match_transformers_postprocess_outputs(crowd_segmenter, size):
             session.add_new_frame(pixels.pixel_values_videos[0], frame_idx=frame_idx)
             output = model(inference_session=session, frame_idx=frame_idx)
             reference = processor.postprocess_outputs(session, output, original_sizes=[[height, width]])
-            ours = detections_from_output(output, session, size)
+            ours = detections_from(session_output(output, session), size)
 
             expected = {
                 int(i): m.numpy() for i, m in zip(reference["object_ids"], reference["masks"]) if m.any()

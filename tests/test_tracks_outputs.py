@@ -13,7 +13,8 @@ from pycocotools import mask as coco_mask
 import process_segmentation as ps
 from sam3_pipeline.outputs import coco_rle
 from sam3_pipeline.overlay import PreviewSheet
-from sam3_pipeline.sam3 import Detections, track_objects
+from sam3_pipeline.sam3 import Detections, model_frames, prepare_frames, track_objects
+from sam3_pipeline.stages import StageTimes
 from sam3_pipeline.video_io import SampledFrame
 from conftest import pitch_frame, write_test_video
 
@@ -102,7 +103,8 @@ def test_tracks_masks_are_the_masks_the_overlay_draws(tiny_model_dir):
     segmenter = ps.load_segmenter(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     frames = [SampledFrame(i, i / 2, pitch_frame(i, 160, 96)) for i in range(3)]
     checked = 0
-    for _, detections in track_objects(segmenter, frames, PROMPTS, (96, 160), chunk_frames=100):
+    outputs = model_frames(segmenter, prepare_frames(segmenter, frames, StageTimes()), PROMPTS, chunk_frames=100)
+    for _, detections in track_objects(outputs, (96, 160)):
         for i in range(len(detections.object_ids)):
             decoded = coco_mask.decode(
                 coco_rle(detections.boxes[i], detections.masks[i], (96, 160))

@@ -1,0 +1,237 @@
+"""Decode, SAM3 and the outputs side by side (a decode thread, SAM3 here, the outputs in a forked
+process): the same files as one after another, a failure in any stage fails that video alone,
+and Ctrl-C, SIGTERM or SIGKILL leave no process behind and nothing that looks complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+import process_segmentation as ps
+import sam3_pipeline.sam3
+import sam3_pipeline.video_io
+from conftest import REPO, write_test_video
+
+# Fields that say how and when a run went, not what it found.
+RUN_FIELDS = {"processing_seconds", "frames_per_second", "stage_seconds", "pipeline", "completed_at", "output_video"}
+FINISHED_LOOKING = ("_segmented.mp4", "_tracks.jsonl", "_mot.txt", "_preview.jpg", "_metadata.json")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    code = ps.main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def segment_args(inputs: list[Path], out: Path, model: Path, *extra: str) -> list[str | Path]:
+    return [*inputs, "--output-dir", out, "--model", model, "--device", "cpu", *extra]
+
+
+def failure_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("FAILED", "error:"))]
+
+
+def frames_of(video: Path) -> list[np.ndarray]:
+    with av.open(str(video)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_overlapped_outputs_are_the_serial_outputs_byte_for_byte(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Tracks, MOT, preview and metadata byte for byte; the MP4 from the very same frames.
+
+    The MP4's bytes are not compared: libx264 (through PyAV) was seen to encode the same frames
+    to slightly different bytes depending on what the process had allocated before (measured:
+    one fresh process, the same 20 frames, four encodes after churning the heap, three outputs).
+    The frames handed to the encoder are compared instead, and the decoded MP4s to within
+    encoder noise."""
+    video = write_test_video(tmp_path / "match.mp4", seconds=2.0, fps=10, size=(320, 192))
+    encoded = tmp_path / "encoded.txt"  # the child process appends to it too
+    real_write = sam3_pipeline.video_io.H264Writer.write
+
+    def write(self, rgb):
+        with encoded.open("a") as log:
+            log.write(f"{hashlib.sha256(rgb.tobytes()).hexdigest()}\n")
+        real_write(self, rgb)
+
+    monkeypatch.setattr(sam3_pipeline.video_io.H264Writer, "write", write)
+    metadata, frames_in = {}, {}
+    for mode in ("serial", "overlapped"):
+        out = tmp_path / mode
+        extra = ["--sample-fps", "0", "--chunk-frames", "8", *(["--serial"] if mode == "serial" else [])]
+        code, stderr = run_cli(capsys, *segment_args([video], out, tiny_model_dir, *extra))
+        assert code == 0, stderr
+        metadata[mode] = json.loads((out / "match" / "match_metadata.json").read_text())
+        assert metadata[mode]["pipeline"] == mode
+        frames_in[mode] = encoded.read_text().splitlines()
+        encoded.unlink()
+
+    assert len(frames_in["serial"]) == 20 and frames_in["serial"] == frames_in["overlapped"]
+    serial, overlapped = metadata["serial"], metadata["overlapped"]
+    assert serial["chunking"]["windows"] == 3, "IDs carried across windows in both"
+    for fields in (serial, overlapped):
+        del fields["outputs"]["video"]
+    assert {k: v for k, v in serial.items() if k not in RUN_FIELDS} == {
+        k: v for k, v in overlapped.items() if k not in RUN_FIELDS
+    }
+    for name in ("match_tracks.jsonl", "match_mot.txt", "match_preview.jpg"):
+        assert (tmp_path / "serial" / "match" / name).read_bytes() == (
+            tmp_path / "overlapped" / "match" / name
+        ).read_bytes(), name
+    decoded = [frames_of(tmp_path / mode / "match" / "match_segmented.mp4") for mode in ("serial", "overlapped")]
+    assert len(decoded[0]) == len(decoded[1]) == 20
+    assert max(np.abs(a.astype(int) - b).mean() for a, b in zip(*decoded)) < 2, "the same pictures"
+    assert set(overlapped["stage_seconds"]) == {
+        "decode", "preprocess", "sam3", "masks", "overlay", "encode", "preview", "tracks"
+    }  # fmt: skip
+
+
+def fail_in_video_a(function, error: Exception):
+    """`function`, raising `error` on its 4th call for video a (160 pixels wide; b is 192).
+
+    Counted in each process: the outputs stage runs in a process forked per video, with the
+    count as it was at the fork."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        frame = args[0]
+        if isinstance(frame, (av.VideoFrame, np.ndarray)):
+            width = frame.width if isinstance(frame, av.VideoFrame) else frame.shape[1]
+        else:  # SAM3's output, in this process for every video: a comes first
+            width = 160
+        calls.append(width)
+        if calls.count(160) == 4 and width == 160:
+            raise error
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "error", "shown"),
+    [
+        (sam3_pipeline.video_io, "frame_rgb", OSError(5, "Input/output error"), "[Errno 5] Input/output error"),
+        (sam3_pipeline.sam3, "session_output", RuntimeError("CUDA error: out of memory"), "CUDA error: out of memory"),
+        (ps, "draw_overlay", MemoryError("no room for the overlay"), "MemoryError: no room for the overlay"),
+    ],
+    ids=["decode-thread", "sam3-stage", "outputs-process"],
+)
+def test_a_failure_in_any_stage_fails_that_video_alone(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, module, name, error, shown
+):
+    """The error comes on the 4th frame of the first video (10 frames); the second is whole."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_test_video(videos / "a.mp4", seconds=1.0, fps=10, size=(160, 96))
+    write_test_video(videos / "b.mp4", seconds=1.0, fps=10, size=(192, 112))
+    monkeypatch.setattr(module, name, fail_in_video_a(getattr(module, name), error))
+    out = tmp_path / "out"
+    code, stderr = run_cli(capsys, *segment_args([videos], out, tiny_model_dir, "--sample-fps", "0"))
+
+    assert code == 1
+    assert "Traceback" not in stderr
+    [line] = failure_lines(stderr)
+    assert "a.mp4" in line and shown in line, line
+    assert json.loads((out / "a" / "a_error.json").read_text())["status"] == "failed"
+    assert not [p.name for p in (out / "a").iterdir() if p.name.endswith(FINISHED_LOOKING)]
+    assert json.loads((out / "b" / "b_metadata.json").read_text())["frames_processed"] == 10
+    assert multiprocessing.active_children() == [], "no outputs process left running"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping a run from outside
+# ---------------------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of the processes whose parent is `pid`."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def start_long_run(tmp_path: Path, model: Path) -> tuple[subprocess.Popen, int]:
+    """A run of a 600-frame video in its own session (as a shell runs a job), once its outputs
+    process is at work: (the run, the outputs process's pid)."""
+    video = write_test_video(tmp_path / "long.mp4", seconds=24.0, fps=25, size=(320, 192))
+    command = [sys.executable, str(REPO / "process_segmentation.py")]
+    command += [str(arg) for arg in segment_args([video], tmp_path / "out", model, "--sample-fps", "0")]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    # Each progress update wakes this loop; the progress bar moves once SAM3 hands frames over.
+    seen = b""
+    while chunk := os.read(process.stderr.fileno(), 65536):
+        seen += chunk
+        if b"frame/s" in seen[-2000:] and (children := children_of(process.pid)):
+            return process, children[0]
+    raise AssertionError(f"the run ended before it could be stopped: {seen[-2000:]!r}")
+
+
+@pytest.mark.parametrize(
+    ("how", "exit_code"),
+    [("SIGINT to the process group (Ctrl-C)", 130), ("SIGTERM to the script (sky jobs cancel)", 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_and_sigterm_stop_every_stage(tmp_path, tiny_model_dir, how, exit_code):
+    process, outputs_process = start_long_run(tmp_path, tiny_model_dir)
+    try:
+        if how.startswith("SIGINT"):
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == exit_code, stderr.decode()[-2000:]
+    assert not alive(outputs_process), "the outputs process ended with the run"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # nothing of the run is left in its process group
+    names = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not [name for name in names if name.endswith(FINISHED_LOOKING)], names
+    assert b"Traceback" not in stderr
+
+
+def test_sigkill_of_the_run_ends_its_outputs_process_too(tmp_path, tiny_model_dir):
+    process, outputs_process = start_long_run(tmp_path, tiny_model_dir)
+    ended = os.pidfd_open(outputs_process)  # readable once that process has ended
+    try:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+        # Orphaned, it notices within stages.POLL_SECONDS; the bound only keeps a stuck one from hanging CI.
+        readable, _, _ = select.select([ended], [], [], 60)
+    finally:
+        os.close(ended)
+    assert readable, "the orphaned outputs process kept running"
+    names = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert not [name for name in names if name.endswith(FINISHED_LOOKING)], names
