@@ -1,16 +1,20 @@
 """Speed and memory of process_segmentation.py, with a tiny random SAM3 or the full-size one.
 
-Default mode: both approaches run on the same synthetic 720p clip with the same tiny random SAM3
+Default mode: the approaches run on the same synthetic 720p clip with the same tiny random SAM3
 (tests/make_tiny_sam3.py) set up to track ~20 objects, so the numbers measure the pipeline around
 the model, not SAM3:
-  ours   streaming decode -> SAM3 -> box-local masks and overlay -> H.264, chunked sessions
+  ours   streaming decode -> SAM3 -> box-local masks and overlay -> H.264, chunked sessions, the
+         stages side by side; with the time per stage (the metadata's stage_seconds)
+  serial ours with --serial: the same stages one after another
+  sam3   SAM3 alone on the same frames, decoded and prepared first: the floor for ours
   naive  the upstream example's approach: every sampled frame decoded into RAM first, one SAM3
          session over all of them, transformers' postprocess_outputs, a float32 mask per object
          per frame kept for the whole video, a float blend per mask, OpenCV mp4v output
 --full-size: the full-size SAM3 (~860M parameters) with random weights (bench/full_size_sam3.py,
 saved once under --cache-dir) through the real script path, process_segmentation.main(), on a
 synthetic 720p clip: seconds per frame, frames/s, peak RSS and GPU memory, and what SAM3's session
-holds per frame and per object. Random weights give meaningless masks but the real compute.
+holds per frame and per object; on CUDA the first run is repeated with --serial, and each run
+reports the GPU's mean utilization (nvidia-smi, every 200 ms). Random weights give meaningless masks but the real compute.
 Each measurement runs in its own process so that its peak memory is its own.
 
 Usage:
@@ -19,7 +23,8 @@ Usage:
   python bench/benchmark.py --small            # a few small frames: the CI smoke run
   python bench/benchmark.py --full-size --json cpu.json   # CPU: 2 and 4 frames, 20 and 10 objects
   python bench/benchmark.py --full-size --device cuda --dtype bfloat16 --json gpu.json
-                                               # GPU: 201 frames at --chunk-frames 100, 200, 50
+                                               # GPU: 201 frames at --chunk-frames 100 (also
+                                               # --serial), 200, 50
   python bench/benchmark.py --full-size --smoke           # one frame on the CPU: the CI smoke run
   bash bench/gpu_check.sh                                 # the GPU run on a lent machine, offline
 """
@@ -27,6 +32,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import platform
@@ -354,6 +361,7 @@ def probe_frames(device: str, trace: list[dict]) -> None:
             "wall_s": round(end - previous_end[-1], 4) if previous_end else None,
             "objects": len(output.object_ids),
             "rss_mb": round(current_rss_mb()),
+            "at": time.time(),  # for the GPU utilization samples taken meanwhile
         }
         if not cuda or record["window_frame"] % GPU_SESSION_EVERY == GPU_SESSION_EVERY - 1:
             record["session"] = session_memory(kwargs["inference_session"])
@@ -374,8 +382,37 @@ def current_rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
 
 
+def gpu_utilization_sampler() -> subprocess.Popen | None:
+    """nvidia-smi printing the time and the GPU's utilization (percent of the time a kernel ran)
+    every 200 ms, or None where there is no nvidia-smi."""
+    try:
+        return subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+    except OSError:
+        return None
+
+
+def mean_utilization(sampler: subprocess.Popen, start: float, end: float) -> float | None:
+    """The mean of the samples taken between `start` and `end` (time.time()): while frames were
+    processed, not while the model loaded."""
+    sampler.terminate()
+    output, _ = sampler.communicate()
+    samples = []
+    for line in output.splitlines():
+        stamp, _, value = line.rpartition(",")
+        with contextlib.suppress(ValueError):
+            when = datetime.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            if start <= when <= end:
+                samples.append(float(value))
+    return round(sum(samples) / len(samples), 1) if samples else None
+
+
 def run_full_size(
-    clip: Path, model_dir: Path, frames: int, chunk_frames: int, device: str, dtype: str | None
+    clip: Path, model_dir: Path, frames: int, chunk_frames: int, device: str, dtype: str | None, pipeline: str
 ) -> dict:
     """One process_segmentation.main() run with the frame probe; returns its measurements."""
     import torch
@@ -389,6 +426,9 @@ def run_full_size(
     options = ["--device", device, "--chunk-frames", str(chunk_frames)]
     if dtype:
         options += ["--dtype", dtype]
+    if pipeline == "serial":
+        options.append("--serial")
+    sampler = gpu_utilization_sampler() if device == "cuda" else None
     with tempfile.TemporaryDirectory() as workdir:
         code = ps.main(
             [str(clip), "--output-dir", workdir, "--model", str(model_dir), "--sample-fps", "0"]
@@ -411,10 +451,14 @@ def run_full_size(
         "frames_per_second": round(metadata["frames_processed"] / seconds, 3),
         "model_seconds": round(model_seconds, 3),
         "outside_model_share": round(1 - model_seconds / seconds, 3),
+        "pipeline": metadata["pipeline"],
+        "stage_seconds": metadata["stage_seconds"],
         "peak_rss_mb": round(peak_rss_mb()),
         "threads": torch.get_num_threads(),
         "per_frame": trace,
     }
+    if sampler is not None and trace:
+        result["gpu_utilization_percent"] = mean_utilization(sampler, trace[0]["at"], trace[-1]["at"])
     if device == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / MB)
         result["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved() / MB)
@@ -442,11 +486,19 @@ def build_full_size(cache_dir: Path, objects: int, most_objects: int) -> Path:
 
 
 def measure_full_size(
-    clip: Path, model_dir: Path, frames: int, chunk_frames: int, device: str, dtype: str | None, log: Path
+    clip: Path,
+    model_dir: Path,
+    frames: int,
+    chunk_frames: int,
+    device: str,
+    dtype: str | None,
+    pipeline: str,
+    log: Path,
 ) -> dict:
     """One full-size run in its own process; its stderr (one line per frame) goes to `log`."""
     command = [sys.executable, __file__, "--worker", "full", "--clip", str(clip), "--model-dir", str(model_dir)]
     command += ["--frames", str(frames), "--chunk-frames", str(chunk_frames), "--device", device]
+    command += ["--pipeline", pipeline]
     if dtype:
         command += ["--dtype", dtype]
     started = time.monotonic()
@@ -463,22 +515,36 @@ def measure_full_size(
 
 
 def full_size_plan(args: argparse.Namespace, device: str) -> list[dict]:
-    """The runs to make, most informative first: (objects, frames, chunk_frames) each."""
+    """The runs to make, most informative first: (objects, frames, chunk_frames, pipeline) each."""
     main_objects, *other_objects = args.objects
     if args.smoke:
-        return [{"objects_requested": main_objects, "frames": 1, "chunk_frames": CPU_CHUNK_FRAMES}]
+        return [
+            {"objects_requested": main_objects, "frames": 1, "chunk_frames": CPU_CHUNK_FRAMES, "pipeline": "overlapped"}
+        ]
     if device == "cpu":
         frames = args.frames or FULL_SIZE_CPU_FRAMES
         return [
-            {"objects_requested": objects, "frames": count, "chunk_frames": max(CPU_CHUNK_FRAMES, count)}
+            {
+                "objects_requested": objects,
+                "frames": count,
+                "chunk_frames": max(CPU_CHUNK_FRAMES, count),
+                "pipeline": "overlapped",
+            }
             for objects in args.objects
             for count in sorted(frames)
         ]
     chunks = args.chunk_frames or FULL_SIZE_CHUNKS
     frames = (args.frames or [max(chunks) + 1])[0]
-    runs = [{"objects_requested": main_objects, "frames": frames, "chunk_frames": chunk} for chunk in chunks]
+    runs = [
+        {"objects_requested": main_objects, "frames": frames, "chunk_frames": chunk, "pipeline": "overlapped"}
+        for chunk in chunks
+    ]
+    # second: the first run again with the stages one after another, what side by side saves
+    runs.insert(1, {**runs[0], "pipeline": "serial"})
     for objects in other_objects:
-        runs.append({"objects_requested": objects, "frames": frames, "chunk_frames": chunks[0]})
+        runs.append(
+            {"objects_requested": objects, "frames": frames, "chunk_frames": chunks[0], "pipeline": "overlapped"}
+        )
     return runs
 
 
@@ -558,9 +624,9 @@ def full_size_table(runs: list[dict], summary: dict, device_line: str) -> str:
         f"clip, every frame sampled, prompts {PROMPTS}. {device_line}.",
         "",
         "| objects (on last frame) | sampled frames | chunk frames | frames/s | first frame, model s "
-        "| later frames, s each (mean) | time outside the model | peak RSS |"
-        + (" peak GPU memory |" if gpu else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if gpu else ""),
+        "| later frames, s each (mean) | time outside the model | peak RSS | stages |"
+        + (" peak GPU memory | GPU utilization |" if gpu else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if gpu else ""),
     ]
     for run in runs:
         shape = f"| {run['frames']} | {run['chunk_frames']} |"
@@ -571,8 +637,8 @@ def full_size_table(runs: list[dict], summary: dict, device_line: str) -> str:
         lines.append(
             f"| {run['objects_requested']} ({run['objects_last_frame']}) {shape} {run['frames_per_second']:.3g} "
             f"| {run['per_frame'][0]['model_s']:.3g} | {f'{sum(later) / len(later):.3g}' if later else '-'} "
-            f"| {run['outside_model_share']:.0%} | {run['peak_rss_mb']:,} MB |"
-            + (f" {run['peak_gpu_mb']:,} MB |" if gpu else "")
+            f"| {run['outside_model_share']:.0%} | {run['peak_rss_mb']:,} MB | {run['pipeline']} |"
+            + (f" {run['peak_gpu_mb']:,} MB | {run.get('gpu_utilization_percent') or '-'}% |" if gpu else "")
         )
     lines.append("")
     lines += [f"- {label}: {value} MB" for label, value in summary.items()]
@@ -619,7 +685,7 @@ def full_size_main(args: argparse.Namespace) -> int:
             frames = max(run["frames"] for run in plan)
             clip = write_test_video(Path(scratch) / "clip.mp4", seconds=frames / 25, fps=25, size=(1280, 720))
             for number, run in enumerate(plan, start=1):
-                name = f"{run['objects_requested']}obj-{run['frames']}f-chunk{run['chunk_frames']}"
+                name = f"{run['objects_requested']}obj-{run['frames']}f-chunk{run['chunk_frames']}-{run['pipeline']}"
                 expected = predicted_seconds(report["runs"], run["frames"])
                 if deadline and expected and time.monotonic() - started + expected > deadline:
                     result = {"skipped": f"not run: ~{expected:.0f} s more would pass the {deadline:.0f} s limit"}
@@ -628,7 +694,7 @@ def full_size_main(args: argparse.Namespace) -> int:
                     model_dir = build_full_size(args.cache_dir, run["objects_requested"], max(args.objects))
                     log = log_dir / f"{name}.log"
                     result = measure_full_size(
-                        clip, model_dir, run["frames"], run["chunk_frames"], device, args.dtype, log
+                        clip, model_dir, run["frames"], run["chunk_frames"], device, args.dtype, run["pipeline"], log
                     )
                 report["runs"].append({**run, **result})
                 report["summary"] = full_size_summary(report["runs"])
@@ -701,13 +767,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--worker", choices=(*APPROACHES, "full"), help=argparse.SUPPRESS)
     parser.add_argument("--clip", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", choices=("overlapped", "serial"), default="overlapped", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke and not args.full_size:
         parser.error("--smoke goes with --full-size (the tiny model's smoke run is --small)")
     if args.worker == "full":
         result = run_full_size(
-            args.clip, args.model_dir, args.frames[0], args.chunk_frames[0], args.device, args.dtype
+            args.clip, args.model_dir, args.frames[0], args.chunk_frames[0], args.device, args.dtype, args.pipeline
         )
         print(json.dumps(result))
         return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The full-size SAM3 (random weights) on a lent GPU, offline: frames/s and peak GPU memory at
-# --chunk-frames 100, 200 and 50 (201 sampled 720p frames, 20 objects), then 10 objects.
+# The full-size SAM3 (random weights) on a lent GPU, offline: frames/s, peak GPU memory and GPU
+# utilization at --chunk-frames 100 (stages side by side, then --serial), 200 and 50 (201 sampled
+# 720p frames, 20 objects), then 10 objects.
 # Needs the wheels in .whl/ (transformers 5.24, av, pycocotools; see below); writes results.json,
 # table.md, console.log and one log per run (a line per frame) under $OUT.
 #
