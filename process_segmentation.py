@@ -494,8 +494,7 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return EXIT_FAILED if failures else EXIT_OK
 
-    if not args.serial:
-        leave_a_core_free(device)
+    leave_a_core_free(device)
     segmenter = load_segmenter(args.model, device, dtype)
     check_prompts(segmenter.processor, args.prompts)
     log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")

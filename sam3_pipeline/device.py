@@ -89,10 +89,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def leave_a_core_free(device: torch.device) -> None:
-    """On the CPU, keep SAM3's threads off one core when the stages run side by side: PyTorch
+    """On the CPU, keep SAM3's threads off one core, for the stages that run beside it: PyTorch
     takes every core by default, and its threads then spin against the decode thread and the
-    outputs process (measured on 2 cores: SAM3's time per frame up by half). A lower thread count
-    set by the user (OMP_NUM_THREADS, torch.set_num_threads) is kept."""
-    cores = len(os.sched_getaffinity(0))
+    outputs process (measured on 2 cores: SAM3's time per frame up by half). Done for --serial
+    too: SAM3's float sums come out slightly different with another thread count, and --serial
+    must give the same outputs. A lower thread count set by the user (OMP_NUM_THREADS,
+    torch.set_num_threads) is kept."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     if device.type == "cpu" and cores > 1 and torch.get_num_threads() >= cores:
         torch.set_num_threads(cores - 1)
