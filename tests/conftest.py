@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import make_tiny_sam3  # noqa: E402
+import process_segmentation as ps  # noqa: E402
 from synthetic_video import pitch_frame, write_test_video  # noqa: E402, F401 (shared with the tests)
 
 # One thread was several times faster than two on the 2-core CI machine.
@@ -64,6 +65,25 @@ def sampled_times(times: Sequence[float], average_interval: float, rate: float =
             taken.append(time)
             next_k = math.floor((time + half) * rate) + 1
     return taken
+
+
+def run_cli(args: Sequence[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """main() in this process (the model import is paid once); returns (exit code, stderr)."""
+    try:
+        code = ps.main([str(arg) for arg in args])
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def segment(inputs: Sequence[Path], output_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+    """The arguments of a run over `inputs` with a local model on the CPU."""
+    return [*map(str, inputs), "--output-dir", str(output_dir), "--model", str(model_dir), "--device", "cpu", *extra]
+
+
+def failure_lines(stderr: str) -> list[str]:
+    """The lines that report a failure; progress bars and progress logs left out."""
+    return [line for line in stderr.splitlines() if line.startswith(("FAILED", "error:"))]
 
 
 @pytest.fixture(scope="session")

@@ -21,24 +21,11 @@ import pytest
 import process_segmentation as ps
 import sam3_pipeline.sam3
 import sam3_pipeline.video_io
-from conftest import REPO, write_test_video
+from conftest import REPO, failure_lines, run_cli, segment, write_test_video
 
 # Fields that say how and when a run went, not what it found.
 RUN_FIELDS = {"processing_seconds", "frames_per_second", "stage_seconds", "pipeline", "completed_at", "output_video"}
 FINISHED_LOOKING = ("_segmented.mp4", "_tracks.jsonl", "_mot.txt", "_preview.jpg", "_metadata.json")
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    code = ps.main([str(arg) for arg in args])
-    return code, capsys.readouterr().err
-
-
-def segment_args(inputs: list[Path], out: Path, model: Path, *extra: str) -> list[str | Path]:
-    return [*inputs, "--output-dir", out, "--model", model, "--device", "cpu", *extra]
-
-
-def failure_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith(("FAILED", "error:"))]
 
 
 def frames_of(video: Path) -> list[np.ndarray]:
@@ -68,7 +55,7 @@ def test_overlapped_outputs_are_the_serial_outputs_byte_for_byte(tmp_path, tiny_
     for mode in ("serial", "overlapped"):
         out = tmp_path / mode
         extra = ["--sample-fps", "0", "--chunk-frames", "8", *(["--serial"] if mode == "serial" else [])]
-        code, stderr = run_cli(capsys, *segment_args([video], out, tiny_model_dir, *extra))
+        code, stderr = run_cli(segment([video], out, tiny_model_dir, *extra), capsys)
         assert code == 0, stderr
         metadata[mode] = json.loads((out / "match" / "match_metadata.json").read_text())
         assert metadata[mode]["pipeline"] == mode
@@ -135,7 +122,7 @@ def test_a_failure_in_any_stage_fails_that_video_alone(
     write_test_video(videos / "b.mp4", seconds=1.0, fps=10, size=(192, 112))
     monkeypatch.setattr(module, name, fail_in_video_a(getattr(module, name), error))
     out = tmp_path / "out"
-    code, stderr = run_cli(capsys, *segment_args([videos], out, tiny_model_dir, "--sample-fps", "0"))
+    code, stderr = run_cli(segment([videos], out, tiny_model_dir, "--sample-fps", "0"), capsys)
 
     assert code == 1
     assert "Traceback" not in stderr
@@ -178,7 +165,7 @@ def start_long_run(tmp_path: Path, model: Path) -> tuple[subprocess.Popen, int]:
     process is at work: (the run, the outputs process's pid)."""
     video = write_test_video(tmp_path / "long.mp4", seconds=24.0, fps=25, size=(320, 192))
     command = [sys.executable, str(REPO / "process_segmentation.py")]
-    command += [str(arg) for arg in segment_args([video], tmp_path / "out", model, "--sample-fps", "0")]
+    command += segment([video], tmp_path / "out", model, "--sample-fps", "0")
     process = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,

@@ -22,31 +22,9 @@ from sam3_pipeline.outputs import output_problems
 from sam3_pipeline.overlay import PALETTE, draw_overlay, object_color
 from sam3_pipeline.sam3 import Detections, Segmenter, detections_from, match_objects, session_output
 from sam3_pipeline.video_io import H264Writer, output_rate, sample_frames
-from conftest import REPO, pitch_frame, sampled_times, write_test_video
+from conftest import REPO, failure_lines, pitch_frame, run_cli, sampled_times, segment, write_test_video
 
 PROMPTS = ["soccer player", "ball"]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """main() in this process (the model import is paid once); returns (exit code, stderr)."""
-    try:
-        code = ps.main([str(arg) for arg in args])
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def segment(inputs: list[Path], output_dir: Path, model_dir: Path, *extra: str) -> list[str]:
-    return [
-        *map(str, inputs),
-        "--output-dir",
-        str(output_dir),
-        "--model",
-        str(model_dir),
-        "--device",
-        "cpu",
-        *extra,
-    ]
 
 
 def decode(path: Path) -> tuple[av.video.stream.VideoStream, list[np.ndarray]]:
@@ -54,11 +32,6 @@ def decode(path: Path) -> tuple[av.video.stream.VideoStream, list[np.ndarray]]:
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
         return stream, frames
-
-
-def problem_lines(stderr: str) -> list[str]:
-    """The lines that report a failure; progress bars and progress logs left out."""
-    return [line for line in stderr.splitlines() if line.startswith(("FAILED", "error:"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +370,7 @@ def test_bad_video_fails_alone_with_one_line_and_error_record(
 
     assert code == 1
     assert "Traceback" not in stderr
-    failures = problem_lines(stderr)
+    failures = failure_lines(stderr)
     assert failures == [f"FAILED {bad}: {problem}"] or (
         len(failures) == 1 and failures[0].startswith(f"FAILED {bad}: {problem}")
     )
@@ -503,13 +476,13 @@ def test_device_cuda_without_gpu_fails_before_any_video(
         [video, "--output-dir", tmp_path / "out", "--model", tiny_model_dir, "--device", "cuda"], capsys
     )
     assert code == 2
-    [line] = problem_lines(stderr)
+    [line] = failure_lines(stderr)
     assert line.startswith("error: --device cuda: PyTorch") and expected in line, line
     assert f"CUDA {torch.version.cuda}" in line, line
     assert not (tmp_path / "out").exists(), "no video may be started"
 
     code, stderr = run_cli(["--check-device", "--device", "cuda"], capsys)
-    assert code == 2 and problem_lines(stderr) == [line]
+    assert code == 2 and failure_lines(stderr) == [line]
 
 
 def test_check_device_cpu_names_device_and_precision(capsys):

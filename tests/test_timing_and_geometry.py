@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import process_segmentation as ps
+from conftest import failure_lines, run_cli, segment
 from ffmpeg_tools import decode_rgb, ffmpeg, ffprobe_stream, frame_times, require_ffmpeg
 from sam3_pipeline.outputs import STALE_PARTIAL_SECONDS, partial_path
 from sam3_pipeline.video_io import DecodeReport, SampledFrame, sample_frames
@@ -34,20 +35,11 @@ def lavfi_clip(size: str, rate: str, seconds: float) -> list[str]:
     return ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    """main() in this process; (exit code, stderr)."""
-    try:
-        code = ps.main([str(arg) for arg in args])
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
-def segment(
+def segment_one(
     capsys: pytest.CaptureFixture[str], video: Path, out: Path, model: Path, *extra: str
 ) -> tuple[int, str, dict]:
     """One run on one video with the tiny model on the CPU: (exit code, stderr, its metadata or {})."""
-    code, stderr = run_cli(capsys, video, "--output-dir", out, "--model", model, "--device", "cpu", *extra)
+    code, stderr = run_cli(segment([video], out, model, *extra), capsys)
     metadata_file = out / video.stem / f"{video.stem}_metadata.json"
     return code, stderr, json.loads(metadata_file.read_text()) if metadata_file.exists() else {}
 
@@ -60,10 +52,6 @@ def sampled(video: Path, sample_fps: Fraction | float) -> tuple[list[SampledFram
     report = DecodeReport()
     with av.open(str(video)) as container:
         return list(sample_frames(container, sample_fps, max_frames=0, report=report)), report
-
-
-def failure_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith(("FAILED", "error:"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +71,7 @@ def test_at_the_source_rate_every_frame_is_kept(tmp_path, tiny_model_dir, capsys
     ffmpeg(*lavfi_clip("160x120", rate, 2), *codec, video)
     source = ffprobe_stream(video)
     out = tmp_path / "out"
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir, "--sample-fps", sample_fps, "--no-tracks")
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir, "--sample-fps", sample_fps, "--no-tracks")
 
     assert code == 0, stderr
     assert metadata["frames_processed"] == source["nb_read_frames"] == round(2 * Fraction(rate))
@@ -128,7 +116,7 @@ def test_timestamps_that_restart_keep_every_frame(tmp_path, tiny_model_dir, caps
     video = joined_parts(tmp_path, ["160x120"] * 3)
     assert ffprobe_stream(video)["nb_read_frames"] == 30
     out = tmp_path / "out"
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir, "--sample-fps", "0", "--no-tracks")
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir, "--sample-fps", "0", "--no-tracks")
 
     assert code == 0, stderr
     assert metadata["frames_processed"] == 30
@@ -169,7 +157,7 @@ def test_a_stream_that_changes_size_is_scaled_to_its_first_size(tmp_path, tiny_m
     """320x240 then 480x360, the second part starting a frame before the first one ends."""
     video = joined_parts(tmp_path, ["320x240", "480x360"], offsets=[0, 0.8])
     out = tmp_path / "out"
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir, "--sample-fps", "0")
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir, "--sample-fps", "0")
 
     assert code == 0, stderr
     assert metadata["frames_processed"] == 20, "no frame lost at the change"
@@ -226,7 +214,7 @@ def test_non_square_pixels_come_out_as_a_player_shows_them(tmp_path, tiny_model_
     video = anamorphic(tmp_path, where)
     assert ffprobe_stream(video)["sample_aspect_ratio"] == "4:3"
     out = tmp_path / "out"
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir)
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir)
 
     assert code == 0, stderr
     assert (metadata["width"], metadata["height"]) == (640, 360)
@@ -255,7 +243,7 @@ def test_a_fractional_sample_rate_is_used_and_recorded_exactly(tmp_path, tiny_mo
     video = tmp_path / "ten.mp4"
     ffmpeg(*lavfi_clip("160x120", "25", 10), "-c:v", "libx264", video)
     out = tmp_path / "out"
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir, "--sample-fps", "1/3", "--no-tracks")
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir, "--sample-fps", "1/3", "--no-tracks")
 
     assert code == 0, stderr
     assert metadata["sample_fps"] == metadata["output_fps"] == pytest.approx(1 / 3, abs=1e-12)
@@ -274,21 +262,21 @@ def test_overwrite_of_a_video_that_became_unreadable_removes_its_complete_metada
     video = tmp_path / "match.mp4"
     ffmpeg(*lavfi_clip("160x120", "25", 2), "-c:v", "libx264", video)
     out = tmp_path / "out"
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir)
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir)
     assert code == 0 and metadata["status"] == "complete", stderr
 
     video.write_bytes(b"not a video any more")
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir, "--overwrite")
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir, "--overwrite")
     assert code == 1
     assert metadata == {}, "the old complete metadata must not survive a failed redo"
     assert len(failure_lines(stderr)) == 1 and "not a readable video" in failure_lines(stderr)[0]
 
-    code, _ = run_cli(capsys, "--summarize", out)
+    code, _ = run_cli(["--summarize", out], capsys)
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["failed"] == 1 and summary["counts"]["done"] == 0
 
-    code, stderr, _ = segment(capsys, video, out, tiny_model_dir)
+    code, stderr, _ = segment_one(capsys, video, out, tiny_model_dir)
     assert code == 1 and "skip" not in stderr, "a later run tries it again"
 
 
@@ -306,7 +294,7 @@ def test_a_failed_metadata_write_fails_that_video_alone(tmp_path, tiny_model_dir
 
     monkeypatch.setattr(ps, "write_json", disk_full_for_a)
     out = tmp_path / "out"
-    code, stderr = run_cli(capsys, videos, "--output-dir", out, "--model", tiny_model_dir, "--device", "cpu")
+    code, stderr = run_cli(segment([videos], out, tiny_model_dir), capsys)
 
     assert code == 1
     assert "Traceback" not in stderr
@@ -347,7 +335,7 @@ def test_leftovers_of_killed_runs_are_removed_at_start(tmp_path, tiny_model_dir,
     for partial in stale:
         os.utime(partial, (long_ago, long_ago))
 
-    code, stderr, metadata = segment(capsys, video, out, tiny_model_dir)
+    code, stderr, metadata = segment_one(capsys, video, out, tiny_model_dir)
 
     assert code == 0 and metadata["status"] == "complete", stderr
     assert not dead.exists() and alive.exists() and unrelated.exists()
