@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +27,7 @@ from typing import Any, Generic, TypeVar
 Item = TypeVar("Item")
 
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether it should stop
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal this process gets when its parent dies
 INTERRUPT_WAIT_SECONDS = 2.0  # on Ctrl-C or SIGTERM, how long to wait for a stage to finish its item
 
 
@@ -132,8 +135,9 @@ class ChildProcess:
     needs pickling; only the items and the result do. The child must not use the GPU (a forked
     CUDA context is unusable), which the outputs stage does not. Leaving the `with` block without
     the result ends the child: on an error, Ctrl-C or SIGTERM here it is terminated (it only ever
-    writes to scratch files); if this process is killed outright, the child notices within
-    POLL_SECONDS and exits.
+    writes to scratch files); if this process is killed outright (SIGKILL, the OOM killer), the
+    kernel kills the child too, on Linux. Enter it in the thread that will outlive it (the main
+    thread): Linux sends that signal when the forking thread ends.
     """
 
     def __init__(self, function: Callable[..., Any], args: tuple[Any, ...], depth: int) -> None:
@@ -194,13 +198,16 @@ def _child_main(
     # Ctrl-C reaches the whole process group; the parent decides when this child stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+    if os.getppid() != parent:  # it died before that took hold
+        os._exit(1)
 
     def items() -> Iterator[Any]:
         while True:
             try:
                 more, item = inbox.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if os.getppid() != parent:  # the parent was killed: nobody wants the result
+                if os.getppid() != parent:  # where die_with_parent cannot: nobody wants the result
                     os._exit(1)
                 continue
             if not more:
@@ -215,3 +222,13 @@ def _child_main(
         except Exception:  # an exception that does not travel: its type and text still do
             error = RuntimeError(f"{type(error).__name__}: {error}")
         outbox.put((False, error))
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux). Without it, a child
+    waiting halfway through a queued item would wait forever if the parent were killed: the
+    child's own inherited copy of the queue's write end keeps the pipe from reaching EOF."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")

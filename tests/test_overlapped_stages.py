@@ -215,10 +215,45 @@ def test_sigkill_of_the_run_ends_its_outputs_process_too(tmp_path, tiny_model_di
         process.kill()
         process.wait()
         process.stderr.close()
-        # Orphaned, it notices within stages.POLL_SECONDS; the bound only keeps a stuck one from hanging CI.
+        # The kernel ends it at once; the bound only keeps a stuck one from hanging CI.
         readable, _, _ = select.select([ended], [], [], 60)
     finally:
         os.close(ended)
     assert readable, "the orphaned outputs process kept running"
     names = [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert not [name for name in names if name.endswith(FINISHED_LOOKING)], names
+
+
+STUCK_OUTPUTS = """
+import os, sys, threading
+sys.path.insert(0, sys.argv[1])
+from sam3_pipeline.stages import ChildProcess
+
+def stuck(items):  # an outputs stage that never returns (a hung write, say) after its first item
+    next(iter(items))
+    print(os.getpid(), flush=True)
+    threading.Event().wait()
+
+with ChildProcess(stuck, (), 1) as child:
+    child.run([bytes(1 << 20)])
+"""
+
+
+def test_an_outputs_process_stuck_anywhere_ends_when_the_run_is_killed():
+    """Whatever the outputs process is doing (here: blocked outside its queue, where no poll of its
+    own can see the parent go), SIGKILL of the run ends it: nothing is left on the worker."""
+    process = subprocess.Popen([sys.executable, "-c", STUCK_OUTPUTS, str(REPO)], stdout=subprocess.PIPE)
+    try:
+        outputs_process = int(process.stdout.readline())
+        ended = os.pidfd_open(outputs_process)
+        process.kill()
+        process.wait()
+        try:
+            readable, _, _ = select.select([ended], [], [], 60)
+        finally:
+            os.close(ended)
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert readable, "the outputs process outlived the run"
