@@ -3,17 +3,22 @@
 Each video has a key: its path inside the folder it was found in, without the extension
 ("train/10001/en"), or the file name without the extension for a video given as a file. For each
 video this writes, under OUTPUT_DIR/<key>/, with <name> the key's last part ("en"):
-  <name>_segmented.mp4   H.264 (yuv420p, faststart) with each object's mask, box, ID and prompt drawn
+  <name>_segmented.mp4   H.264 (yuv420p, faststart) with each object's mask, box and prompt drawn
   <name>_tracks.jsonl    per frame: each object's ID, prompt, score, box and COCO RLE mask
   <name>_mot.txt         the boxes in MOTChallenge format
   <name>_preview.jpg     a contact sheet of six overlay frames
   <name>_metadata.json   what was processed and found; written last, so its presence means "complete"
   <name>_error.json      only when the video failed: one line saying why
+  windows/               each window's results, kept as it is done; the files above are assembled from them
+
+A window is up to --chunk-frames sampled frames tracked by one SAM3 session; it is the unit of
+work. A rerun computes only the windows a killed run had not finished, and --shard-index /
+--num-shards split the windows of all videos, so jobs share a long video.
 
 Usage:
   python process_segmentation.py match.mp4
   python process_segmentation.py videos/ other.mov --prompts "soccer player" ball --sample-fps 2
-  python process_segmentation.py /data/videos --shard-index 3 --num-shards 10   # this job's share
+  python process_segmentation.py /data/videos --shard-index 3 --num-shards 10   # this job's share of the windows
   python process_segmentation.py --summarize OUTPUT_DIR [videos/]               # done / partial / failed / missing
 
 Frames stream through: a decode thread, SAM3 in the main thread and the outputs in a forked process
@@ -24,6 +29,7 @@ Exit status: 0 when every video is complete, 1 when any video failed, 2 on a usa
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -32,7 +38,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -40,7 +46,8 @@ from typing import Any
 import av
 from tqdm import tqdm
 
-from sam3_pipeline.dataset import Video, collect_videos, select_shard
+from sam3_pipeline.assembly import assemble_and_record
+from sam3_pipeline.dataset import Unit, Video, collect_videos, select_units
 from sam3_pipeline.device import (
     DTYPES,
     choose_device,
@@ -51,42 +58,52 @@ from sam3_pipeline.device import (
 )
 from sam3_pipeline.messages import UsageError, VideoError, log, one_line, redact
 from sam3_pipeline.outputs import (
-    ObjectTrack,
-    TrackWriter,
     check_output_dir,
-    file_record,
     now_iso,
     output_paths,
     output_problems,
-    publish,
     read_record,
     remove_dead_scratch,
     remove_stale_partials,
     scratch_dir,
     source_change,
-    update_tracks,
     write_json,
 )
-from sam3_pipeline.overlay import PreviewSheet, draw_overlay
 from sam3_pipeline.sam3 import (
     DEFAULT_CHUNK_FRAMES,
     ModelFrame,
     Segmenter,
     check_prompts,
+    detections_from,
     load_segmenter,
     model_frames,
     prepare_frames,
-    track_objects,
+    shared_position,
+    window_of,
 )
 from sam3_pipeline.stages import ChildProcess, RunAhead, StageTimes
 from sam3_pipeline.summary import summarize
 from sam3_pipeline.video_io import (
     DecodeReport,
-    H264Writer,
+    SampledFrame,
+    VideoInfo,
     display_rotation,
     output_rate,
+    position_rate,
     read_video_info,
     sample_frames,
+    seekable,
+)
+from sam3_pipeline.windows import (
+    WINDOWS_FOLDER,
+    WindowWriter,
+    complete_run,
+    computed_by,
+    done_windows,
+    plan_units,
+    unit_done,
+    window_count,
+    window_positions,
 )
 
 DEFAULT_MODEL = "facebook/sam3"
@@ -98,6 +115,7 @@ MIN_SAMPLE_FPS = Fraction(1, 3600)
 # Frames waiting between two stages: enough to ride out one slow frame, few enough that memory
 # stays flat (a 720p frame with SAM3's input is ~15 MB; its 20 objects' logits ~7 MB).
 STAGE_QUEUE_DEPTH = 4
+PROBE_ATTEMPTS, PROBE_RETRY_SECONDS = 3, 0.5  # a video that cannot be opened is tried again, 0.5 s then 1 s later
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -147,7 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chunk-frames",
         type=int,
         default=DEFAULT_CHUNK_FRAMES,
-        help="sampled frames per SAM3 session; bounds memory on long videos",
+        help="sampled frames per window: one SAM3 session (bounds memory) and the unit of work",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model ID or local directory")
     parser.add_argument(
@@ -183,14 +201,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the per-frame tracks (JSONL with COCO RLE masks, MOT text)",
     )
     parser.add_argument(
-        "--shard-index", type=int, default=0, help="which share of the videos this process takes (0-based)"
+        "--shard-index", type=int, default=0, help="which share of all videos' windows this process computes (0-based)"
     )
-    parser.add_argument("--num-shards", type=int, default=1, help="how many shares the videos are split into")
+    parser.add_argument("--num-shards", type=int, default=1, help="how many shares the windows are split into")
     parser.add_argument(
         "--summarize",
         type=Path,
         metavar="DIR",
-        help="process nothing; write DIR/summary.json and DIR/summary.csv (done / partial / failed / missing per video). "
+        help="run no model; assemble videos whose windows are all done, then write DIR/summary.json and "
+        "DIR/summary.csv (done / partial / failed / missing per video). "
         "INPUTs, if given, are the videos expected in DIR",
     )
     args = parser.parse_args(argv)
@@ -218,75 +237,265 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 @dataclasses.dataclass(frozen=True)
-class Recorded:
-    """What the outputs stage saw of a video, for its metadata."""
+class WindowTimes:
+    """Sent to the outputs stage after a window's last frame: this process's seconds on it (the
+    decode thread runs a few frames ahead, so the split between windows is approximate)."""
 
-    tracks: dict[int, ObjectTrack]
-    timestamps: list[float]  # each output frame's time in the video, seconds
-    frame_indices: list[int]  # each output frame's index in the source
-    windows: list[int]  # frames per SAM3 session
+    window: int
     stage_seconds: dict[str, float]
+    frames_decoded: int  # by the unit so far, sampled or not
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitEnd:
+    """Sent to the outputs stage last: how the unit's stretch of video ended."""
+
+    final: bool  # the video ended (not just the unit's last window)
+    last_window: int  # the window of the last frame read
+    decode_error: str | None
+
+
+class WindowBound:
+    """Samples up to the end of window `last` (None: to the end of the video), noting where they
+    stopped: `final` when the video ended first."""
+
+    def __init__(self, samples: Iterable[SampledFrame], last: int | None, chunk_frames: int) -> None:
+        self.samples, self.last, self.chunk_frames = samples, last, chunk_frames
+        self.final = True
+        self.last_window = 0
+
+    def __iter__(self) -> Iterator[SampledFrame]:
+        for sample in self.samples:
+            window = window_of(sample.position, self.chunk_frames)
+            if self.last is not None and window > self.last:
+                self.final = False
+                return
+            self.last_window = window
+            yield sample
 
 
 def draw_and_record(
-    frames: Iterable[ModelFrame], size: tuple[int, int], fps: Fraction, local: dict[str, Path], write_tracks: bool
-) -> Recorded:
-    """The outputs stage: masks and IDs from SAM3's output, then per frame the overlay (encoded
-    to H.264), the preview, the tracks and MOT rows and the per-object summary, into the files
-    named in `local` (all but the metadata). size: (H, W) of every frame."""
-    times = StageTimes()
-    summaries: dict[int, ObjectTrack] = {}
-    timestamps: list[float] = []
-    frame_indices: list[int] = []
-    windows: list[int] = []
-    preview = PreviewSheet(size)
-    with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(H264Writer(local["video"], size[1], size[0], fps))
-        track_writer = stack.enter_context(TrackWriter(local["tracks"], local["mot"], size)) if write_tracks else None
-        for sample, detections in track_objects(frames, size, windows, times):
-            frame_number = len(timestamps)
-            with times.measure("overlay"):
-                drawn = draw_overlay(sample.rgb, detections)
-            with times.measure("encode"):
-                writer.write(drawn)
-            with times.measure("preview"):
-                preview.offer(frame_number, sample.timestamp, drawn)
-            with times.measure("tracks"):
-                if track_writer:
-                    track_writer.write(frame_number, sample, detections)
-                update_tracks(summaries, frame_number, sample.timestamp, detections)
-            timestamps.append(round(sample.timestamp, 6))
-            frame_indices.append(sample.source_index)
-    with times.measure("preview"):
-        preview.save(local["preview"])
-    return Recorded(summaries, timestamps, frame_indices, windows, times.rounded())
+    items: Iterable[ModelFrame | WindowTimes | UnitEnd],
+    folder: Path,
+    size: tuple[int, int],
+    fps: Fraction,
+    write_tracks: bool,
+    first_window: int,
+    skip: Container[int],
+    facts: dict[str, Any],
+    started: float,
+) -> list[dict[str, Any]]:
+    """The outputs stage of a unit: per frame, masks from SAM3's output, the overlay (encoded to
+    H.264) and the tracks, written window by window into the video's `windows/` folder, each
+    window's record last. Windows without frames of their own (a gap, or past the end of the
+    video) get a record too, so that nothing is waited for. size: (H, W) of every frame; started:
+    time.monotonic() when the unit began (the first window's seconds count from there, each
+    later one's from the end of the one before). Returns the records written."""
+    records: list[dict[str, Any]] = []
+    timing: dict[int, WindowTimes] = {}
+    writer: WindowWriter | None = None
+    next_window = first_window  # the first window without a record from this unit yet
+    ended = [started]  # when work on the last window ended
+    with scratch_dir() as scratch:
+
+        def publish(window: WindowWriter, final: bool, decode_error: str | None = None) -> None:
+            parent = timing.get(window.window)
+            if parent:
+                window.times.seconds.update(parent.stage_seconds)
+            unit = {"final": final, "decode_error": decode_error, "frames_decoded": parent and parent.frames_decoded}
+            records.append(window.publish(folder, {**facts, **unit}))
+            ended.append(time.monotonic())
+
+        def new_window(window: int) -> WindowWriter:
+            return WindowWriter(window, Path(scratch), size, fps, write_tracks, StageTimes(), ended[-1])
+
+        for item in items:
+            if isinstance(item, WindowTimes):
+                timing[item.window] = item
+                continue
+            if isinstance(item, UnitEnd):
+                last = max(item.last_window, first_window)
+                ending = {"final": item.final, "decode_error": item.decode_error}
+                if writer:
+                    publish(writer, **(ending if writer.window == last else {"final": False}))
+                for window in range(next_window, last + 1):
+                    if window not in skip:
+                        publish(new_window(window), **(ending if window == last else {"final": False}))
+                break
+            if writer is None or item.window != writer.window:
+                if writer:
+                    publish(writer, final=False)
+                for window in range(next_window, item.window):
+                    if window not in skip:
+                        publish(new_window(window), final=False)
+                writer, next_window = new_window(item.window), item.window + 1
+            with writer.times.measure("masks"):
+                detections = detections_from(item.output, size)
+            if item.shared:
+                writer.share(detections)
+            else:
+                writer.add(item.sample, detections)
+    return records
 
 
-def process_video(
-    video: Video, paths: dict[str, Path], segmenter: Segmenter, args: argparse.Namespace
+def unit_items(
+    outputs: Iterable[ModelFrame], times: StageTimes, report: DecodeReport, bound: WindowBound
+) -> Iterator[ModelFrame | WindowTimes | UnitEnd]:
+    """SAM3's output for the outputs stage, each window followed by this process's time on it,
+    and the unit's end."""
+    window: int | None = None
+    mark = collections.Counter(times.seconds)
+
+    def window_times(window: int) -> WindowTimes:
+        nonlocal mark
+        now = collections.Counter(times.seconds)
+        spent = {stage: round(seconds, 3) for stage, seconds in (now - mark).items()}
+        mark = now
+        return WindowTimes(window, spent, report.frames_decoded)
+
+    for frame in outputs:
+        if window is not None and frame.window != window:
+            yield window_times(window)
+        window = frame.window
+        yield frame
+    if window is not None:
+        yield window_times(window)
+    yield UnitEnd(bound.final, bound.last_window, report.error)
+
+
+def recipe(video: Video, args: argparse.Namespace) -> dict[str, Any]:
+    """What a window's results depend on: windows computed otherwise are not reused."""
+    return {
+        "source_name": video.path.name,
+        "source_bytes": video.size,
+        "prompts": list(args.prompts),
+        "sample_fps": str(args.sample_fps),
+        "max_frames": args.max_frames,
+        "chunk_frames": args.chunk_frames,
+        "model": args.model,
+        "tracks": args.tracks,
+    }
+
+
+def expected_positions(info: VideoInfo, args: argparse.Namespace) -> int | None:
+    """How many sampling grid positions the container's duration spans (at most --max-frames)."""
+    if not info.duration:
+        return args.max_frames or None
+    positions = math.ceil(info.duration * position_rate(args.sample_fps, info.fps))
+    return min(positions, args.max_frames) if args.max_frames else positions
+
+
+def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
+    """What a video's windows are planned from, read from its container: {"positions": grid
+    positions its duration spans (None when it states none), "seekable": `seekable`}; None where
+    it cannot be read (it then fails, with the reason, when it is computed). A read that fails is
+    tried again: every job plans every video, and a bucket mount's read that fails on one worker
+    only would give that job other shares than the rest."""
+    for attempt in range(1, PROBE_ATTEMPTS + 1):
+        try:
+            with av.open(str(video.path)) as container:
+                info = read_video_info(container, video.path)
+                return {"positions": expected_positions(info, args), "seekable": seekable(container)}
+        except VideoError:
+            return None
+        except (av.FFmpegError, OSError):
+            if attempt == PROBE_ATTEMPTS:
+                return None
+            time.sleep(PROBE_RETRY_SECONDS * attempt)
+    return None
+
+
+def units_of(video: Video, plan: dict[str, Any] | None, args: argparse.Namespace) -> list[Unit]:
+    """A video's units of work (`windows.plan_units`), each weighed by the sampled frames it is
+    expected to hold. Without a plan, one unit."""
+    chunk = args.chunk_frames
+    if plan is None:
+        return [Unit(video, 0, None, chunk)]
+    positions = plan["positions"]
+    units = []
+    for first, last in plan_units(window_count(positions, chunk), plan["seekable"]):
+        start = window_positions(first, chunk)[0]
+        end = window_positions(last, chunk)[1] + 1 if last is not None else positions or chunk
+        units.append(Unit(video, first, last, max(end - start, 1)))
+    return units
+
+
+def unit_facts(
+    video: Video,
+    info: VideoInfo,
+    report: DecodeReport,
+    size: tuple[int, int],
+    fps_out: Fraction,
+    args: argparse.Namespace,
+    segmenter: Segmenter,
+    plan: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Segment one video: decode -> SAM3 -> masks, overlay, H.264 and records, frame by frame, the
-    stages side by side (unless --serial). Returns its metadata; its files are in place."""
+    """What every window record of the video carries: the recipe, the plan its windows follow
+    (`plan_video`), the video as the metadata describes it, how and by whom it was computed."""
+    rotation, mirrored = display_rotation(report.transform)
+    geometry = report.geometry
+    return {
+        "recipe": recipe(video, args),
+        "plan": plan,
+        "video": {
+            "key": video.key,
+            "video_name": video.path.name,
+            "source_path": str(video.path),
+            "source_name": video.path.name,
+            "source_bytes": video.size,  # as listed, which is what the next run compares
+            "width": size[1],
+            "height": size[0],
+            "stored_width": geometry.stored[0],
+            "stored_height": geometry.stored[1],
+            "sample_aspect_ratio": "{0.numerator}:{0.denominator}".format(geometry.sample_aspect_ratio),
+            "rotation": rotation,
+            "mirrored": mirrored,
+            "duration_seconds": info.duration,
+            "original_fps": float(info.fps),
+            "sample_fps": float(args.sample_fps),
+            "output_fps": float(fps_out),
+            "max_frames": args.max_frames,
+            "frames_expected": (
+                min(math.ceil(info.duration * fps_out), args.max_frames or math.inf) if info.duration else None
+            ),
+        },
+        "device": str(segmenter.device),
+        "dtype": dtype_name(segmenter.dtype),
+        "postprocessing": segmenter.postprocessing,
+        "pipeline": "serial" if args.serial else "overlapped",
+        "computed_by": computed_by(args.shard_index, args.num_shards),
+        "seeked": report.seeked,
+    }
+
+
+def process_unit(
+    unit: Unit,
+    paths: dict[str, Path],
+    segmenter: Segmenter,
+    args: argparse.Namespace,
+    plan: dict[str, Any] | None,
+    skip: Container[int],
+) -> list[dict[str, Any]]:
+    """Compute a unit's windows (those not in `skip`): decode -> SAM3 -> masks, overlay, H.264 and
+    tracks, frame by frame, the stages side by side (unless --serial). Each window's results are
+    in place as soon as it is done; returns their records."""
     started = time.monotonic()
-    source = video.path
+    source = unit.video.path
+    chunk = args.chunk_frames
     try:
         container = av.open(str(source))
     except (av.FFmpegError, OSError) as error:
         raise VideoError(f"{source}: not a readable video: {one_line(error)}") from None
 
     paths["folder"].mkdir(parents=True, exist_ok=True)
-    products = ["video", "preview", *(["tracks", "mot"] if args.tracks else [])]
-    for key in {"tracks", "mot"} - set(products):  # not part of this run's results
-        paths[key].unlink(missing_ok=True)
     report = DecodeReport()
-    with container, scratch_dir() as scratch:
+    with container:
         info = read_video_info(container, source)
         fps_out = output_rate(args.sample_fps, info.fps)
-        expected = math.ceil(info.duration * fps_out) if info.duration else None
-        if args.max_frames and expected:
-            expected = min(expected, args.max_frames)
         times = StageTimes()
-        frames = times.iterate("decode", sample_frames(container, args.sample_fps, args.max_frames, report))
+        after = shared_position(unit.first, chunk) if unit.first else None
+        bound = WindowBound(sample_frames(container, args.sample_fps, args.max_frames, report, after), unit.last, chunk)
+        frames = times.iterate("decode", bound)
         try:
             first = next(frames, None)
         except av.FFmpegError as error:
@@ -294,22 +503,27 @@ def process_video(
         if first is None:
             raise VideoError(f"{source}: no frames could be decoded")
         size = first.rgb.shape[:2]  # as displayed: (H, W) after the display matrix
-        local = {key: Path(scratch) / paths[key].name for key in products}
+        facts = unit_facts(unit.video, info, report, size, fps_out, args, segmenter, plan)
+        rate = position_rate(args.sample_fps, info.fps)
         with contextlib.ExitStack() as stack:
             progress = stack.enter_context(
-                tqdm(total=expected, unit="frame", desc=video.key, leave=False, dynamic_ncols=True)
+                tqdm(
+                    total=round(unit.weight * min(fps_out / rate, 1)),
+                    unit="frame",
+                    desc=unit.video.key,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
             )
 
             def counted(outputs: Iterator[ModelFrame]) -> Iterator[ModelFrame]:
                 for output in outputs:
                     if not output.shared:  # a frame two windows share is one frame of the video
                         progress.update()
-                    if report.timestamp_discontinuities and progress.total:  # the container's duration misled
-                        progress.total = None
                     yield output
 
             samples = itertools.chain([first], frames)
-            finish = (size, fps_out, local, args.tracks)
+            finish = (paths["folder"], size, fps_out, args.tracks, unit.first, skip, facts, started)
             if args.serial:
                 prepared = prepare_frames(segmenter, samples, times)
             else:  # the outputs process is forked first, before this process starts a thread
@@ -317,79 +531,9 @@ def process_video(
                 prepared = stack.enter_context(
                     RunAhead(prepare_frames(segmenter, samples, times), STAGE_QUEUE_DEPTH, "decode")
                 )
-            outputs = counted(model_frames(segmenter, prepared, args.prompts, args.chunk_frames, times))
-            recorded = draw_and_record(outputs, *finish) if args.serial else outputs_process.run(outputs)
-        outputs = {key: file_record(local[key]) for key in products}
-        for key in products:  # the metadata, written by the caller, comes last
-            publish(local[key], paths[key])
-
-    seconds = time.monotonic() - started
-    rotation, mirrored = display_rotation(report.transform)
-    geometry = report.geometry
-    if report.timestamp_discontinuities:
-        expected = None  # estimated from the container's duration, which does not span restarts
-    objects = sorted(recorded.tracks.values(), key=lambda track: track.object_id)
-    return {
-        "status": "complete",
-        "key": video.key,
-        "video_name": source.name,
-        "source_path": str(source),
-        "source_name": source.name,
-        "source_bytes": video.size,  # as listed, which is what the next run compares
-        "width": size[1],
-        "height": size[0],
-        "stored_width": geometry.stored[0],
-        "stored_height": geometry.stored[1],
-        "sample_aspect_ratio": "{0.numerator}:{0.denominator}".format(geometry.sample_aspect_ratio),
-        "size_changes": report.size_changes,
-        "timestamp_discontinuities": report.timestamp_discontinuities,
-        "rotation": rotation,
-        "mirrored": mirrored,
-        "duration_seconds": info.duration,
-        "original_fps": float(info.fps),
-        "sample_fps": float(args.sample_fps),
-        "output_fps": float(fps_out),
-        "max_frames": args.max_frames,
-        "chunking": {
-            "chunk_frames": args.chunk_frames,
-            "windows": len(recorded.windows),
-            "frames_per_window": recorded.windows,
-        },
-        "frames_processed": len(recorded.timestamps),
-        "frames_expected": expected,
-        "decode_error": report.error,
-        "sampled_timestamps": recorded.timestamps,
-        "sampled_frame_indices": recorded.frame_indices,
-        "prompts": list(args.prompts),
-        "objects_detected": len(objects),
-        "objects_per_prompt": {prompt: sum(t.prompt == prompt for t in objects) for prompt in args.prompts},
-        "objects": [
-            {
-                "id": track.object_id,
-                "prompt": track.prompt,
-                "first_frame": track.first_frame,
-                "last_frame": track.last_frame,
-                "first_timestamp": track.first_time,
-                "last_timestamp": track.last_time,
-                "frames_present": track.frames_present,
-                "score": round(track.max_score, 4),
-                "mean_score": round(track.score_sum / track.frames_present, 4),
-            }
-            for track in objects
-        ],
-        "model": segmenter.model_name,
-        "device": str(segmenter.device),
-        "dtype": dtype_name(segmenter.dtype),
-        "postprocessing": segmenter.postprocessing,
-        "processing_seconds": round(seconds, 3),
-        "pipeline": "serial" if args.serial else "overlapped",
-        "stage_seconds": {**times.rounded(), **recorded.stage_seconds},
-        "frames_per_second": round(len(recorded.timestamps) / seconds, 3) if seconds > 0 else None,
-        "output_video": str(paths["video"]),
-        "outputs": outputs,
-        "output_codec": "h264",
-        "completed_at": now_iso(),
-    }
+            outputs = counted(model_frames(segmenter, prepared, args.prompts, chunk, times, unit.first, skip))
+            items = unit_items(outputs, times, report, bound)
+            return draw_and_record(items, *finish) if args.serial else outputs_process.run(items)
 
 
 def start_redo(paths: dict[str, Path]) -> None:
@@ -449,27 +593,49 @@ def check_device(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run(args: argparse.Namespace) -> int:
-    started = time.time()
-    # Before anything else: a worker that cannot see its GPU must fail now, not crawl for hours.
-    device = choose_device(args.device)
-    dtype = choose_dtype(args.dtype, device)
-    videos = collect_videos(args.inputs, args.output_dir)
-    videos = select_shard(videos, args.shard_index, args.num_shards)
-    if args.num_shards > 1:
-        log(
-            f"shard {args.shard_index}/{args.num_shards}: {len(videos)} videos: {', '.join(v.key for v in videos)}"
-        )
-    if not videos:
-        log("nothing to do: this shard has no videos")
-        return EXIT_OK
-    check_output_dir(args.output_dir)
-    paths_of = {video: output_paths(args.output_dir, video.key) for video in videos}
-    folders = [args.output_dir, *(paths["folder"] for paths in paths_of.values())]
-    leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
-    if leftovers:
-        log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
-    todo = []
+def describe_units(units: Sequence[Unit], planned: dict[Video, int]) -> str:
+    """`x/match (windows 0, 2-3 of 6), clip`: a shard's units by video; a video of one window by its key."""
+    parts = []
+    for video, group in itertools.groupby(units, key=lambda unit: unit.video):
+        if planned[video] == 1:
+            parts.append(video.key)
+            continue
+        runs = consecutive([unit.first for unit in group])
+        spans = [f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs]
+        parts.append(f"{video.key} (windows {', '.join(spans)} of {planned[video]})")
+    return ", ".join(parts)
+
+
+def consecutive(numbers: Sequence[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return runs
+
+
+def finish_video(video: Video, paths: dict[str, Path], windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Assemble a video whose windows are all there and write its metadata, last."""
+    metadata = assemble_and_record(paths, windows)
+    log_notes(video, metadata)
+    log(
+        f"done {video.path.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
+        f"{metadata['objects_per_prompt']}, {metadata['frames_per_second']} frames/s, "
+        f"{len(windows)} window{'s' if len(windows) > 1 else ''} -> {paths['video']}"
+    )
+    return metadata
+
+
+def triage(
+    videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace
+) -> tuple[list[Video], dict[Video, dict[str, Any] | None]]:
+    """The videos to work on (not complete; complete but not whole; made from another file), and
+    every video's plan (`plan_video`). Every job plans every video, complete or not, so that all
+    make the same split whatever they find done: a complete video from its metadata, the others
+    from their containers."""
+    todo, plans = [], {}
     for video in videos:
         paths = paths_of[video]
         metadata = {} if args.overwrite else read_record(paths["metadata"])
@@ -477,48 +643,113 @@ def run(args: argparse.Namespace) -> int:
             problems = output_problems(paths["folder"], metadata)
             change = source_change(metadata, video)
             if not problems and not change:
-                log(f"skip {video.path}: complete in {paths['folder']} (--overwrite to redo)")
+                plans[video] = metadata.get("plan")
                 continue
             if change:
                 log(f"redo {video.path}: the results in {paths['folder']} were {change}")
             else:
                 log(f"redo {video.path}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
         todo.append(video)
+        plans[video] = plan_video(video, args)
+    return todo, plans
+
+
+def compute_video(
+    units: Sequence[Unit],
+    paths: dict[str, Path],
+    segmenter: Segmenter | None,
+    args: argparse.Namespace,
+    plan: dict[str, Any] | None,
+    done: dict[int, dict[str, Any]],
+    numbered: dict[Unit, int],
+) -> dict[str, Any] | None:
+    """This job's units of one video, those not `done` before (`numbered`: their place in the
+    job's work), then the video's assembly if every window is there. Returns its metadata, or
+    None while windows of other shares are still to come."""
+    video = units[0].video
+    planned = window_count(plan and plan["positions"], args.chunk_frames)
+    start_redo(paths)
+    for unit in units:
+        whole = unit.last is None and unit.first < planned - 1  # a video read from the start
+        span = f"windows {unit.first}-{planned - 1}" if whole else f"window {unit.first}"
+        if unit not in numbered:
+            log(f"skip {video.path} {span}: computed before")
+            continue
+        log(f"{numbered[unit]}/{len(numbered)} - {video.path}" + (f" {span} of {planned}" if planned > 1 else ""))
+        for record in process_unit(unit, paths, segmenter, args, plan, skip=done):
+            done[record["window"]] = record
+    records = done_windows(paths["folder"], recipe(video, args))
+    windows = complete_run(records)
+    if windows is None:
+        missing = ", ".join(map(str, sorted(set(range(planned)) - set(records))))
+        log(f"wait {video.path}: windows {missing} of {planned} still to come from other shares")
+        return None
+    return finish_video(video, paths, windows)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.time()
+    # Before anything else: a worker that cannot see its GPU must fail now, not crawl for hours.
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+    videos = collect_videos(args.inputs, args.output_dir)
+    paths_of = {video: output_paths(args.output_dir, video.key) for video in videos}
+    todo, plans = triage(videos, paths_of, args)
+    units = [unit for video in videos for unit in units_of(video, plans[video], args)]
+    units = select_units(units, args.shard_index, args.num_shards)
+    for video in dict.fromkeys(unit.video for unit in units if unit.video not in todo):  # this job's share only
+        log(f"skip {video.path}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
+    units = [unit for unit in units if unit.video in todo]
+    if args.num_shards > 1:
+        planned = {video: window_count(plan and plan["positions"], args.chunk_frames) for video, plan in plans.items()}
+        count = len({unit.video for unit in units})
+        log(f"shard {args.shard_index}/{args.num_shards}: {count} videos: {describe_units(units, planned)}")
+    if not units:
+        log("nothing to do: " + ("this shard has no videos" if args.num_shards > 1 else "every video is complete"))
+        return EXIT_OK
+    check_output_dir(args.output_dir)
+    mine = list(dict.fromkeys(unit.video for unit in units))
+    folders = [args.output_dir, *(paths_of[video]["folder"] for video in mine)]
+    folders += [folder / WINDOWS_FOLDER for folder in folders[1:]]
+    leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
+    if leftovers:
+        log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
+
     failures: list[str] = []
-    for video in [video for video in todo if video.size is None]:  # fail these before the slow model load
-        todo.remove(video)
-        with contextlib.suppress(OSError):  # it fails either way; the error record says why
-            start_redo(paths_of[video])
-        failures.append(record_failure(video, paths_of[video], VideoError(f"{video.path}: no such file")))
-        log(f"FAILED {failures[-1]}")
-    if not todo:
-        return EXIT_FAILED if failures else EXIT_OK
-
-    leave_a_core_free(device)
-    segmenter = load_segmenter(args.model, device, dtype)
-    check_prompts(segmenter.processor, args.prompts)
-    log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
-    log(describe_device(device, dtype))
-
-    for number, video in enumerate(tqdm(todo, unit="video", desc="videos", dynamic_ncols=True), start=1):
+    done: dict[Video, dict[int, dict[str, Any]]] = {}
+    for video in mine:
         paths = paths_of[video]
-        log(f"{number}/{len(todo)} - {video.path}")
-        try:
-            start_redo(paths)
-            metadata = process_video(video, paths, segmenter, args)
-            write_json(paths["metadata"], metadata)  # last: its presence means complete
-        except Exception as error:  # one bad video (or one failed write) never stops the others
-            failures.append(record_failure(video, paths, error))
+        if video.size is None:  # fail it before the slow model load
+            with contextlib.suppress(OSError):  # it fails either way; the error record says why
+                start_redo(paths)
+            failures.append(record_failure(video, paths, VideoError(f"{video.path}: no such file")))
             log(f"FAILED {failures[-1]}")
             continue
-        with contextlib.suppress(OSError):  # the complete metadata outranks an old error record
-            paths["error"].unlink(missing_ok=True)
-        log_notes(video, metadata)
-        log(
-            f"done {video.path.name}: {metadata['frames_processed']} frames, {metadata['objects_detected']} objects "
-            f"{metadata['objects_per_prompt']}, {metadata['frames_per_second']} frames/s -> {paths['video']}"
-        )
-    log(f"{len(videos) - len(failures)} of {len(videos)} videos complete, {len(failures)} failed")
+        done[video] = {} if args.overwrite else done_windows(paths["folder"], recipe(video, args))
+    pending = [unit for unit in units if unit.video in done and not unit_done(done[unit.video], unit.first, unit.last)]
+    segmenter = None
+    if pending:
+        leave_a_core_free(device)
+        segmenter = load_segmenter(args.model, device, dtype)
+        check_prompts(segmenter.processor, args.prompts)
+        log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
+        log(describe_device(device, dtype))
+
+    complete = waiting = 0
+    numbered = {unit: number for number, unit in enumerate(pending, start=1)}
+    for video, group in itertools.groupby(units, key=lambda unit: unit.video):
+        if video not in done:
+            continue
+        try:
+            metadata = compute_video(list(group), paths_of[video], segmenter, args, plans[video], done[video], numbered)
+        except Exception as error:  # one bad video (or one failed write) never stops the others
+            failures.append(record_failure(video, paths_of[video], error))
+            log(f"FAILED {failures[-1]}")
+            continue
+        complete += metadata is not None
+        waiting += metadata is None
+    counts = f"{complete} of {len(mine)} videos complete, {len(failures)} failed"
+    log(counts + (f", {waiting} waiting for windows of other shares" if waiting else ""))
     for message in failures:
         log(f"  failed: {message}")
     return EXIT_FAILED if failures else EXIT_OK

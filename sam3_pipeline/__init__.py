@@ -1,7 +1,9 @@
 """The building blocks of process_segmentation.py, one module per concern.
 
-messages (errors and log lines), dataset (which videos, keyed how, this job's share), device (GPU
-or CPU, precision), video_io (frames in, H.264 out), sam3 (the model, sessions, windows, masks),
-overlay (drawing and the preview), outputs (records and files written safely), summary
+messages (errors and log lines), dataset (which videos, keyed how, this job's share of their
+windows), device (GPU or CPU, precision), video_io (frames in, sought and sampled; H.264 out, and
+parts joined), sam3 (the model, sessions, windows, masks), overlay (drawing and the preview),
+outputs (records and files written safely), windows (a video's windows and their files),
+assembly (a video's results from its windows), stages (running them side by side), summary
 (`--summarize`). The pipeline that joins them is process_segmentation.py.
 """

@@ -1,4 +1,5 @@
-"""The videos to process: files and folders as given, keyed by their path in the dataset, and this job's share."""
+"""The videos to process: files and folders as given, keyed by their path in the dataset, and this
+job's share of their windows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from sam3_pipeline.messages import UsageError, log
 from sam3_pipeline.outputs import output_paths
+from sam3_pipeline.windows import WINDOW_PART, WINDOWS_FOLDER
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
 
@@ -43,7 +45,8 @@ def find_videos(folder: Path, output_dir: Path) -> list[Video]:
 
     Results are never inputs: `output_dir` is not searched where it lies below `folder`, and where
     `folder` is `output_dir` or lies in it, the result videos there (`<name>/<name>_segmented.mp4`)
-    are left out. So are hidden files and folders. Symlinked folders are not followed (as
+    are left out, and so are the overlay parts of their windows (`<name>/windows/w00000.mp4`). So are
+    hidden files and folders. Symlinked folders are not followed (as
     `Path.rglob`); symlinked files are.
     """
     # Compared resolved (symlinks, `..`); the folders walked are real ones, so `root / inside` is theirs.
@@ -55,9 +58,12 @@ def find_videos(folder: Path, output_dir: Path) -> list[Video]:
         here, inside = Path(parent), Path(os.path.relpath(parent, folder))
         folders[:] = [name for name in folders if not is_hidden(name) and inside / name != skip]
         result = output_paths(here.parent, here.name)["video"].name if in_output else None
+        windows = in_output and here.name == WINDOWS_FOLDER  # a video's windows (`windows.window_files`)
         for name in files:
             path = here / name
             if is_hidden(name) or name == result or path.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            if windows and WINDOW_PART.fullmatch(name):
                 continue
             size = file_size(path)
             if size is not None:
@@ -97,22 +103,31 @@ def collect_videos(inputs: Sequence[Path], output_dir: Path) -> list[Video]:
     return list(videos.values())
 
 
-def select_shard(videos: Sequence[Video], shard_index: int, num_shards: int) -> list[Video]:
-    """This shard's videos, in their order: largest file first to the least-loaded shard.
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Windows of one video that one process computes in one pass (`windows.plan_units`)."""
 
-    Weighed by file size as listed, which every job reads the same way; a duration needs each file
-    opened, and a read that fails on one worker only would give that job different shares. A file
-    that is missing weighs nothing. Deterministic (ties go by key), so a recovered job with the same
-    index picks the same videos; every video lands in exactly one shard, and no shard exceeds the
-    ideal load by more than one video.
+    video: Video
+    first: int  # window
+    last: int | None  # None: on to the end of the video
+    weight: int  # the sampled frames it is expected to hold: what shares are balanced by
+
+
+def select_units(units: Sequence[Unit], shard_index: int, num_shards: int) -> list[Unit]:
+    """This shard's units, in their order: heaviest first to the least-loaded shard.
+
+    Every job plans the same units from the same files (their listing and their containers'
+    durations), so the split is deterministic (ties go by key, then window): a recovered job with
+    the same index takes the same units, every unit lands in exactly one shard, and no shard
+    exceeds the ideal load by more than one unit (one window, or one short video).
     """
     if num_shards == 1:
-        return list(videos)
+        return list(units)
     loads = [0] * num_shards
-    mine: set[str] = set()
-    for video in sorted(videos, key=lambda video: (-(video.size or 0), video.key)):
+    mine: set[tuple[str, int]] = set()
+    for unit in sorted(units, key=lambda unit: (-unit.weight, unit.video.key, unit.first)):
         shard = min(range(num_shards), key=lambda index: (loads[index], index))
-        loads[shard] += video.size or 0
+        loads[shard] += unit.weight
         if shard == shard_index:
-            mine.add(video.key)
-    return [video for video in videos if video.key in mine]
+            mine.add((unit.video.key, unit.first))
+    return [unit for unit in units if (unit.video.key, unit.first) in mine]

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,17 +178,18 @@ def coco_rle(box: np.ndarray, crop: np.ndarray, size: tuple[int, int]) -> dict[s
     return {"size": [height, width], "counts": encoded["counts"].decode("ascii")}
 
 
-class TrackWriter:
-    """Stream per-frame tracks to two local files: JSON lines with COCO RLE masks, and
-    MOTChallenge rows (frame, id, bb_left, bb_top, bb_width, bb_height, conf, -1, -1, -1)."""
-
-    def __init__(self, jsonl_path: Path, mot_path: Path, size: tuple[int, int]) -> None:
-        self.size = size
-        self.jsonl = jsonl_path.open("w")
-        self.mot = mot_path.open("w")
-
-    def write(self, frame_number: int, sample: SampledFrame, detections: Detections) -> None:
-        objects = []
+def object_records(detections: Detections, size: tuple[int, int]) -> list[dict[str, Any]]:
+    """A frame's objects as the tracks file lists them: ID, prompt, score, box (XYXY inclusive),
+    area and the full-frame mask as COCO RLE. size: (H, W) of the frame."""
+    return [
+        {
+            "id": int(obj_id),
+            "prompt": prompt,
+            "score": round(float(score), 4),
+            "box": [int(v) for v in box],
+            "area": int(np.count_nonzero(crop)),
+            "mask": coco_rle(box, crop, size),
+        }
         for obj_id, prompt, score, box, crop in zip(
             detections.object_ids,
             detections.prompts,
@@ -196,28 +197,56 @@ class TrackWriter:
             detections.boxes,
             detections.masks,
             strict=True,
-        ):
-            x0, y0, x1, y1 = map(int, box)
-            objects.append(
-                {
-                    "id": int(obj_id),
-                    "prompt": prompt,
-                    "score": round(float(score), 4),
-                    "box": [x0, y0, x1, y1],
-                    "area": int(np.count_nonzero(crop)),
-                    "mask": coco_rle(box, crop, self.size),
-                }
-            )
-            self.mot.write(
-                f"{frame_number + 1},{int(obj_id)},{x0},{y0},{x1 - x0 + 1},{y1 - y0 + 1},{float(score):.4f},-1,-1,-1\n"
-            )
-        record = {
-            "frame": frame_number,
-            "source_frame": sample.source_index,
-            "timestamp": round(sample.timestamp, 6),
-            "objects": objects,
-        }
-        self.jsonl.write(json.dumps(record, separators=(",", ":")) + "\n")
+        )
+    ]
+
+
+def detections_from_records(objects: Sequence[dict[str, Any]]) -> Detections:
+    """The inverse of `object_records`, each mask cut back to its box (scores as rounded there)."""
+    if not objects:
+        return Detections.empty()
+    boxes = np.array([obj["box"] for obj in objects], dtype=np.int64)
+    masks = []
+    for obj, (x0, y0, x1, y1) in zip(objects, boxes, strict=True):
+        full = coco_mask.decode({"size": obj["mask"]["size"], "counts": obj["mask"]["counts"].encode("ascii")})
+        masks.append(full[y0 : y1 + 1, x0 : x1 + 1].astype(bool))
+    return Detections(
+        object_ids=np.array([obj["id"] for obj in objects], dtype=np.int64),
+        prompts=[obj["prompt"] for obj in objects],
+        scores=np.array([obj["score"] for obj in objects], dtype=np.float32),
+        boxes=boxes,
+        masks=masks,
+    )
+
+
+def mot_rows(frame_number: int, objects: Sequence[dict[str, Any]]) -> str:
+    """MOTChallenge rows (frame, id, bb_left, bb_top, bb_width, bb_height, conf, -1, -1, -1) of one
+    frame's `object_records`; frames are numbered from 1 there."""
+    return "".join(
+        f"{frame_number + 1},{obj['id']},{x0},{y0},{x1 - x0 + 1},{y1 - y0 + 1},{obj['score']:.4f},-1,-1,-1\n"
+        for obj in objects
+        for x0, y0, x1, y1 in [obj["box"]]
+    )
+
+
+def track_line(frame_number: int, source_frame: int, timestamp: float, objects: Sequence[dict[str, Any]]) -> str:
+    """One line of the tracks file."""
+    record = {"frame": frame_number, "source_frame": source_frame, "timestamp": round(timestamp, 6), "objects": objects}
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+class TrackWriter:
+    """Stream per-frame tracks to two local files: JSON lines with COCO RLE masks, and
+    MOTChallenge rows (`mot_rows`)."""
+
+    def __init__(self, jsonl_path: Path, mot_path: Path) -> None:
+        self.jsonl = jsonl_path.open("w")
+        self.mot = mot_path.open("w")
+
+    def write(self, frame_number: int, sample: SampledFrame, objects: Sequence[dict[str, Any]]) -> None:
+        """objects: the frame's `object_records`."""
+        self.jsonl.write(track_line(frame_number, sample.source_index, sample.timestamp, objects))
+        self.mot.write(mot_rows(frame_number, objects))
 
     def close(self) -> None:
         self.jsonl.close()

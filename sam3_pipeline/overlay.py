@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -48,7 +48,11 @@ def object_color(object_id: int) -> tuple[int, int, int]:
 
 
 def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
-    """Blend each mask in its object's colour and label it "ID prompt".
+    """Blend each mask in its object's colour, box it and label it with its prompt.
+
+    The IDs are those of one window's SAM3 session (windows are drawn apart, and joined without
+    re-encoding), so the colour tells objects apart within a window and the label says what each
+    is; IDs that hold through the whole video are in the tracks, MOT rows and metadata.
 
     frame: (H, W, 3) uint8 RGB. Returns a new (H, W, 3) uint8 RGB frame.
     Masks are painted largest first so that small objects (the ball) stay visible; each blend is
@@ -70,7 +74,7 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
         color = object_color(obj_id)
         x0, y0, x1, y1 = map(int, detections.boxes[i])
         cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
-        label = f"{obj_id} {detections.prompts[i]}"
+        label = detections.prompts[i]
         (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = max(y0 - text_h - baseline - 2, 0)
         cv2.rectangle(canvas, (x0, top), (x0 + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
@@ -87,61 +91,34 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
     return canvas
 
 
-class PreviewSheet:
-    """Evenly spaced thumbnails from a stream of frames of unknown length, as one contact sheet.
+def preview_picks(total: int) -> list[int]:
+    """The frame numbers the preview shows of a video of `total` frames: evenly spaced, first and
+    last included, each once."""
+    tiles = PREVIEW_GRID[0] * PREVIEW_GRID[1]
+    if total <= 0:
+        return []
+    return np.unique(np.linspace(0, total - 1, num=min(tiles, total)).round().astype(int)).tolist()
 
-    Keeps every `stride`-th frame; when four times the tiles are kept, drops every other one and
-    doubles the stride, so memory stays under 4 x tiles thumbnails and the chosen tiles are
-    spaced evenly to within a quarter of their spacing.
-    """
 
-    def __init__(self, frame_size: tuple[int, int]) -> None:
-        height, width = frame_size
-        self.tile_size = (PREVIEW_TILE_WIDTH, max(2, round(PREVIEW_TILE_WIDTH * height / width / 2) * 2))
-        self.tiles = PREVIEW_GRID[0] * PREVIEW_GRID[1]
-        self.stride = 1
-        self.kept: list[np.ndarray] = []
-
-    def offer(self, frame_number: int, timestamp: float, frame: np.ndarray) -> None:
-        """frame: (H, W, 3) uint8 RGB, already drawn on."""
-        if frame_number % self.stride:
-            return
-        thumbnail = cv2.resize(frame, self.tile_size, interpolation=cv2.INTER_AREA)
+def preview_jpeg(frames: Sequence[tuple[float, np.ndarray]], frame_size: tuple[int, int]) -> bytes:
+    """A contact sheet of (timestamp, (H, W, 3) uint8 RGB frame) pairs, each shrunk to a tile
+    PREVIEW_TILE_WIDTH wide and stamped with its time, PREVIEW_GRID tiles in rows; unused tiles
+    stay black. frame_size: (H, W). Returns the JPEG file's bytes."""
+    height, width = frame_size
+    tile_size = (PREVIEW_TILE_WIDTH, max(2, round(PREVIEW_TILE_WIDTH * height / width / 2) * 2))
+    columns, rows = PREVIEW_GRID
+    tile_w, tile_h = tile_size
+    sheet = np.zeros((rows * tile_h, columns * tile_w, 3), dtype=np.uint8)
+    for slot, (timestamp, frame) in enumerate(frames[: columns * rows]):
+        thumbnail = cv2.resize(frame, tile_size, interpolation=cv2.INTER_AREA)
         cv2.putText(
-            thumbnail,
-            f"{timestamp:.1f} s",
-            (6, 20),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            0.55,
-            (255, 255, 255),
-            2,
-            cv2.LINE_AA,
+            thumbnail, f"{timestamp:.1f} s", (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 2, cv2.LINE_AA
         )
-        self.kept.append(thumbnail)
-        if len(self.kept) >= 4 * self.tiles:
-            self.kept, self.stride = self.kept[::2], self.stride * 2
-
-    def render(self) -> np.ndarray:
-        """(rows * tile_h, columns * tile_w, 3) uint8 RGB; unused tiles stay black."""
-        columns, rows = PREVIEW_GRID
-        tile_w, tile_h = self.tile_size
-        sheet = np.zeros((rows * tile_h, columns * tile_w, 3), dtype=np.uint8)
-        chosen = np.unique(
-            np.linspace(0, len(self.kept) - 1, num=min(self.tiles, len(self.kept))).round().astype(int)
-        )
-        for slot, index in enumerate(chosen):
-            row, column = divmod(slot, columns)
-            sheet[row * tile_h : (row + 1) * tile_h, column * tile_w : (column + 1) * tile_w] = self.kept[
-                index
-            ]
-        return sheet
-
-    def save(self, path: Path) -> None:
-        ok, jpeg = cv2.imencode(
-            ".jpg",
-            cv2.cvtColor(self.render(), cv2.COLOR_RGB2BGR),
-            [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY],
-        )
-        if not ok:
-            raise RuntimeError("JPEG encoding of the preview failed")
-        path.write_bytes(jpeg.tobytes())
+        row, column = divmod(slot, columns)
+        sheet[row * tile_h : (row + 1) * tile_h, column * tile_w : (column + 1) * tile_w] = thumbnail
+    ok, jpeg = cv2.imencode(
+        ".jpg", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY]
+    )
+    if not ok:
+        raise RuntimeError("JPEG encoding of the preview failed")
+    return jpeg.tobytes()

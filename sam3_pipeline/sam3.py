@@ -7,7 +7,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -352,33 +352,60 @@ def session_outputs(
         yield frame, ready
 
 
+def window_of(position: int, chunk_frames: int) -> int:
+    """The window a sample at this grid position belongs to. Window 0 holds positions
+    0..chunk_frames-1; each later window the next chunk_frames-1 positions, after the frame it
+    shares with the window before (the last sample at or before `shared_position`)."""
+    return max(0, (position - 1) // (chunk_frames - 1))
+
+
+def shared_position(window: int, chunk_frames: int) -> int:
+    """The last grid position before window `window` (>= 1): the window shares the last sample at
+    or before it with the window before."""
+    return window * (chunk_frames - 1)
+
+
 def model_frames(
     segmenter: Segmenter,
     frames: Iterable[PreparedFrame],
     prompts: Sequence[str],
     chunk_frames: int,
     times: StageTimes | None = None,
+    first_window: int = 0,
+    skip: Container[int] = (),
 ) -> Iterator[ModelFrame]:
-    """SAM3 over a video of any length, in windows of at most `chunk_frames` frames.
+    """SAM3 over a stretch of video of any length, one fresh session per window (`window_of`).
 
     SAM3's session keeps every frame and per-object memory for every frame, so memory would grow
-    with the video. Each window is a fresh session; consecutive windows share one frame: the last
-    frame of a window is fed again to the next session, and comes out of it marked `shared`, so
-    that its objects can be matched to the previous window's (`ObjectIds`).
+    with the video. Each window is a fresh session, first fed the last frame of the window before
+    (which comes out of it marked `shared`, so that its objects can be matched to that window's),
+    then its own frames. Frames before `first_window` only lead into it (`sample_frames(after=)`
+    starts with one such frame); windows in `skip` (computed before) are read past, not run.
     """
     times = times if times is not None else StageTimes()
     frames = iter(frames)
     upcoming = next(frames, None)
-    last: PreparedFrame | None = None
-    window = 0
+    lead: PreparedFrame | None = None
+    while upcoming is not None and window_of(upcoming.sample.position, chunk_frames) < first_window:
+        lead, upcoming = upcoming, next(frames, None)
     while upcoming is not None:
-        lead = [last] if last else []
-        feed = itertools.islice(itertools.chain(lead, [upcoming], frames), chunk_frames)
-        for position, (frame, output) in enumerate(session_outputs(segmenter, feed, prompts, times)):
-            yield ModelFrame(frame.sample, window, shared=bool(lead) and position == 0, output=output)
+        window = window_of(upcoming.sample.position, chunk_frames)
+
+        def members(window: int = window) -> Iterator[PreparedFrame]:
+            nonlocal upcoming
+            while upcoming is not None and window_of(upcoming.sample.position, chunk_frames) == window:
+                yield upcoming
+                upcoming = next(frames, None)
+
+        if window in skip:
+            for lead in members():  # noqa: B007 (the window's last frame leads into the next one)
+                pass
+            continue
+        feed = itertools.chain([lead] if lead else [], members())
+        for index, (frame, output) in enumerate(session_outputs(segmenter, feed, prompts, times)):
+            yield ModelFrame(frame.sample, window, shared=lead is not None and index == 0, output=output)
             last = frame
-        window += 1
-        upcoming = next(frames, None)
+        lead = last
 
 
 def mask_iou(box_a: np.ndarray, mask_a: np.ndarray, box_b: np.ndarray, mask_b: np.ndarray) -> float:
@@ -413,52 +440,3 @@ def match_objects(previous: Detections, current: Detections) -> dict[int, int]:
         used.add(i)
         matches[int(current.object_ids[j])] = int(previous.object_ids[i])
     return matches
-
-
-class ObjectIds:
-    """One ID per object for the whole video, from the IDs of its windows' sessions.
-
-    IDs start at 1, as MOTChallenge files expect. On the frame two windows share, the new
-    session's objects are matched by mask to the previous window's (`match_objects`) and take
-    their IDs, so an object keeps its ID (and colour) across windows; the others get new ones.
-    """
-
-    def __init__(self) -> None:
-        self.to_global: dict[int, int] = {}
-        self.next_id = 1
-        self.last: Detections | None = None  # the previous frame's objects, with global IDs
-
-    def assign(self, frame: ModelFrame, local: Detections) -> Detections | None:
-        """`local` with global IDs; None for a shared frame, which was already yielded once."""
-        if frame.shared:
-            self.to_global = match_objects(self.last, local)
-            return None
-        for obj_id in map(int, local.object_ids):
-            if obj_id not in self.to_global:
-                self.to_global[obj_id], self.next_id = self.next_id, self.next_id + 1
-        global_ids = np.array([self.to_global[int(obj_id)] for obj_id in local.object_ids], dtype=np.int64)
-        self.last = dataclasses.replace(local, object_ids=global_ids)
-        return self.last
-
-
-def track_objects(
-    frames: Iterable[ModelFrame],
-    size: tuple[int, int],
-    windows: list[int] | None = None,
-    times: StageTimes | None = None,
-) -> Iterator[tuple[SampledFrame, Detections]]:
-    """Each frame's objects, masks at `size` (H, W) and IDs for the whole video, from SAM3's
-    output over its windows (`model_frames`). The frame two windows share is yielded once.
-    `windows`, when given, receives each window's frame count."""
-    times = times if times is not None else StageTimes()
-    ids = ObjectIds()
-    for frame in frames:
-        if windows is not None:
-            if frame.window == len(windows):
-                windows.append(0)
-            windows[frame.window] += 1
-        with times.measure("masks"):
-            local = detections_from(frame.output, size)
-        detections = ids.assign(frame, local)
-        if detections is not None:
-            yield frame.sample, detections

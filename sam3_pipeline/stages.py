@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import gc
 import multiprocessing
 import os
 import pickle
@@ -27,6 +28,7 @@ from typing import Any, Generic, TypeVar
 Item = TypeVar("Item")
 
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether it should stop
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal this process gets when its parent dies
 INTERRUPT_WAIT_SECONDS = 2.0  # on Ctrl-C or SIGTERM, how long to wait for a stage to finish its item
 
@@ -149,7 +151,17 @@ class ChildProcess:
         )
 
     def __enter__(self) -> ChildProcess:
-        self._process.start()
+        # The child must never collect this process's objects: some hold native thread pools that
+        # do not exist in a fork (PyAV's scalers), and freeing one there waits forever for them.
+        gc.freeze()
+        # Held back until the child has its own handlers: this process's handlers, run in the
+        # child just after the fork, would unwind it into this process's work as a copy of it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            gc.unfreeze()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -198,6 +210,7 @@ def _child_main(
     # Ctrl-C reaches the whole process group; the parent decides when this child stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with_parent()
     if os.getppid() != parent:  # it died before that took hold
         os._exit(1)

@@ -1,4 +1,5 @@
-"""`--summarize`: done, partial, failed and missing videos of an output folder, as JSON, CSV and a short table."""
+"""`--summarize`: done, partial, failed and missing videos of an output folder, as JSON, CSV and a short table;
+videos whose windows are all done are assembled first."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import av
+
+from sam3_pipeline.assembly import assemble_and_record
 from sam3_pipeline.dataset import collect_videos, is_hidden
-from sam3_pipeline.messages import UsageError, one_line
+from sam3_pipeline.messages import UsageError, log, one_line
 from sam3_pipeline.outputs import (
     completed_metadata,
     now_iso,
@@ -19,6 +23,7 @@ from sam3_pipeline.outputs import (
     write_json,
     write_text_atomically,
 )
+from sam3_pipeline.windows import WINDOWS_FOLDER, complete_run, done_windows
 
 
 def result_keys(output_dir: Path) -> set[str]:
@@ -32,9 +37,38 @@ def result_keys(output_dir: Path) -> set[str]:
         if key == ".":
             continue
         paths = output_paths(output_dir, key)
-        if not set(files).isdisjoint(path.name for kind, path in paths.items() if kind != "folder"):
+        named = not set(files).isdisjoint(path.name for kind, path in paths.items() if kind != "folder")
+        if named or WINDOWS_FOLDER in folders:
             keys.add(key)
     return keys
+
+
+def same_source(record: dict[str, Any]) -> bool:
+    """Whether the video a window was computed from is still there as it was (its name and size):
+    windows of a file since replaced or removed are not assembled."""
+    try:
+        size = Path(record["video"]["source_path"]).stat().st_size
+    except OSError:
+        return False
+    return size == record["recipe"]["source_bytes"]
+
+
+def assemble_ready(output_dir: Path, keys: Sequence[str]) -> None:
+    """Assemble the videos among `keys` whose windows are all done but that have no complete
+    metadata yet: the jobs that computed their last windows may each have missed the other's."""
+    for key in keys:
+        paths = output_paths(output_dir, key)
+        if completed_metadata(paths):
+            continue
+        windows = complete_run(done_windows(paths["folder"]))
+        if windows is None or not same_source(windows[0]):
+            continue
+        try:
+            assemble_and_record(paths, windows)
+        except (OSError, ValueError, av.FFmpegError) as error:
+            log(f"cannot assemble {key} from its windows: {one_line(error)}")
+            continue
+        log(f"assembled {key} from its {len(windows)} window{'s' if len(windows) > 1 else ''}")
 
 
 def summary_row(output_dir: Path, key: str) -> dict[str, Any]:
@@ -110,6 +144,7 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
     videos = collect_videos(inputs, output_dir)
     try:
         keys = result_keys(output_dir) | {video.key for video in videos}
+        assemble_ready(output_dir, sorted(keys))
         rows = [summary_row(output_dir, key) for key in sorted(keys)]
         counts = {
             status: sum(row["status"] == status for row in rows)

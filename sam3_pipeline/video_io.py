@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,15 +21,20 @@ DEFAULT_FRAME_RATE = 25  # for a stream that states no frame rate at all
 # Longer than this without a frame, the timestamps have jumped (a splice, a clock reset) rather
 # than the video paused: `VideoClock`.
 MAX_FRAME_GAP = Fraction(5)  # seconds
+# Containers with an index whose timestamps never restart (FFmpeg format names).
+SEEKABLE_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi"})
 
 
 @dataclasses.dataclass(frozen=True)
 class SampledFrame:
     """One decoded frame chosen by the sampler."""
 
-    source_index: int  # index of the frame in decode order
-    timestamp: float  # seconds since the first frame
+    source_index: int  # the frame's number in the source: its time x the average frame rate, rounded
+    timestamp: float  # seconds of video time since the first frame
     rgb: np.ndarray  # (H, W, 3) uint8 RGB
+    position: int  # its point on the sampling grid (`sample_frames`): what places it in a window
+    size_changes: int = 0  # decoded frames since the sample before whose coded size changed
+    timestamp_discontinuities: int = 0  # restarts and jumps of the timestamps since the sample before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,27 +166,43 @@ class VideoClock:
     timestamps jump back; splices can make them jump far ahead. At such a break the video time
     goes on one frame interval after the frame before it, and `breaks` counts it. Gaps shorter
     than MAX_FRAME_GAP (or two frame intervals, where frames are that sparse) are real: time runs
-    on through them.
+    on through them. In containers with an index (`seekable`), whose timestamps never restart, a
+    jump ahead is a pause however long: so their windows can be found by seeking, each window's
+    time computed without the frames before it. `origin` (the first frame's timestamp) starts a
+    clock part way through such a video.
     """
 
-    def __init__(self, time_base: Fraction | None, frame_interval: Fraction) -> None:
+    def __init__(
+        self,
+        time_base: Fraction | None,
+        frame_interval: Fraction,
+        *,
+        jumps_are_breaks: bool = True,
+        origin: Fraction | None = None,
+    ) -> None:
         self.time_base = time_base
         self.frame_interval = frame_interval
-        self.max_gap = max(MAX_FRAME_GAP, 2 * frame_interval)
-        self.offset: Fraction | None = None  # video time minus timestamp, in this segment
-        self.last_stamp = Fraction(0)
+        self.max_gap = max(MAX_FRAME_GAP, 2 * frame_interval) if jumps_are_breaks else None
+        self.offset: Fraction | None = None if origin is None else -origin  # video time minus timestamp
+        self.last_stamp: Fraction | None = None
         self.last_time: Fraction | None = None
         self.breaks = 0
 
+    def stamp(self, frame: av.VideoFrame) -> Fraction | None:
+        """The frame's timestamp in seconds, None when it has none."""
+        return frame.pts * self.time_base if frame.pts is not None and self.time_base else None
+
     def time_of(self, frame: av.VideoFrame) -> Fraction:
-        stamp = frame.pts * self.time_base if frame.pts is not None and self.time_base else None
+        stamp = self.stamp(frame)
         after_last = Fraction(0) if self.last_time is None else self.last_time + self.frame_interval
         if stamp is None:  # one frame interval after the frame before
             time = after_last
         else:
             if self.offset is None:  # the first timestamp
                 self.offset = after_last - stamp
-            elif not 0 <= stamp - self.last_stamp <= self.max_gap:
+            elif self.last_stamp is not None and not (
+                stamp >= self.last_stamp and (self.max_gap is None or stamp - self.last_stamp <= self.max_gap)
+            ):
                 self.offset = after_last - stamp
                 self.breaks += 1
             self.last_stamp = stamp
@@ -197,10 +219,34 @@ class DecodeReport:
     error: str | None = None  # why decoding stopped before the end of the video, if it did
     timestamp_discontinuities: int = 0  # restarts and jumps of the timestamps (`VideoClock`)
     size_changes: int = 0  # frames whose coded size differs from the frame before
+    frames_decoded: int = 0  # every frame the decoder gave, sampled or not
+    seeked: bool = False  # decoding started at a keyframe part way through
 
     @property
     def transform(self) -> tuple[int, int, int, int]:
         return self.geometry.transform if self.geometry else IDENTITY_TRANSFORM
+
+
+def seekable(container: av.container.InputContainer) -> bool:
+    """Whether frames can be found by seeking to their time: containers with an index and
+    timestamps that never restart. MPEG-TS and PS (whose recordings are joined with `cat`) and
+    raw streams are read from the start."""
+    return bool(SEEKABLE_FORMATS & set(container.format.name.split(",")))
+
+
+def position_rate(sample_fps: Fraction | float, source_fps: Fraction) -> Fraction:
+    """Positions per second of video time: the sample rate, or the source's average frame rate
+    when every frame is kept. A sample's position is its place on that grid (`sample_frames`)."""
+    return Fraction(sample_fps) if sample_fps > 0 else Fraction(source_fps)
+
+
+class _SeekMissed(Exception):
+    """A seek landed after the frame asked for: seek further back (or, where the container's
+    index cannot be trusted, read from the start)."""
+
+    def __init__(self, trust_index: bool = True) -> None:
+        super().__init__()
+        self.trust_index = trust_index
 
 
 def sample_frames(
@@ -208,55 +254,160 @@ def sample_frames(
     sample_fps: Fraction | float,
     max_frames: int,
     report: DecodeReport | None = None,
+    after: int | None = None,
 ) -> Iterator[SampledFrame]:
     """Decode the first video stream and yield one frame per 1/sample_fps seconds of video time
     (every frame for 0), as a player shows it (`frame_rgb`).
 
     Sample k is the first frame after k / sample_fps seconds of video time (`VideoClock`) less
     half a frame interval (the stream's average interval, or the interval since the frame before
-    where that is shorter): the frame nearest that time, the later one on a tie. Timestamps
-    rounded to the container's time base (milliseconds in Matroska and WebM) fall just before the
-    exact grid. Times are exact fractions, so 29.97 fps and variable-frame-rate videos do not
-    drift; a grid point inside a gap in the video is not made up with a repeated frame. Only
-    chosen frames are converted to RGB.
+    where that is shorter): the frame nearest that time, the later one on a tie. Each frame owns
+    the grid points from its predecessor's bound up to its own, so the choice depends on the two
+    frames alone and comes out the same wherever decoding started. Timestamps rounded to the
+    container's time base (milliseconds in Matroska and WebM) fall just before the exact grid.
+    Times are exact fractions, so 29.97 fps and variable-frame-rate videos do not drift; a grid
+    point inside a gap in the video is not made up with a repeated frame. A sample's `position`
+    is its grid point (every frame: its time x the average rate, rounded); positions from
+    `max_frames` on are not read. Only chosen frames are converted to RGB.
+
+    after: None for every sample; else the last sample at a position <= `after` (the frame one
+    window shares with the one before it), then every sample after it. Where the container allows
+    (`seekable`), decoding then starts at the keyframe before that point rather than at the start.
+
     A decode error after the first sample ends the video early (a file cut short keeps what
     decoded) and is recorded in `report`; before it, the error is raised.
     """
     report = report if report is not None else DecodeReport()
     stream = container.streams.video[0]
-    frame_interval = 1 / Fraction(stream.average_rate or stream.guessed_rate or DEFAULT_FRAME_RATE)
-    clock = VideoClock(Fraction(stream.time_base) if stream.time_base else None, frame_interval)
-    interval = 1 / Fraction(sample_fps) if sample_fps > 0 else None
-    next_time = Fraction(0)
-    previous: Fraction | None = None
-    sampled = 0
-    coded_size: tuple[int, int] | None = None
-    decoded = enumerate(container.decode(stream))
-    while not (max_frames and sampled >= max_frames):
+    margin = 3 / Fraction(stream.average_rate or stream.guessed_rate or DEFAULT_FRAME_RATE)
+    while after is not None and seekable(container):
         try:
-            index, frame = next(decoded)
-        except StopIteration:
+            yield from _samples(container, sample_fps, max_frames, report, after, margin)
             return
+        except _SeekMissed as missed:  # raised before any sample was yielded
+            report.error, report.timestamp_discontinuities, report.size_changes, report.seeked = None, 0, 0, False
+            container.seek(0)
+            if not missed.trust_index:
+                break
+            margin = 4 * margin + 1  # the sample before the window lies further back (a gap, or the end)
+    yield from _samples(container, sample_fps, max_frames, report, after, None)
+
+
+def _samples(
+    container: av.container.InputContainer,
+    sample_fps: Fraction | float,
+    max_frames: int,
+    report: DecodeReport,
+    after: int | None,
+    margin: Fraction | None,
+) -> Iterator[SampledFrame]:
+    """`sample_frames`, decoding from the keyframe before `margin` seconds ahead of the frame
+    before position `after`, or from the start where `margin` is None."""
+    stream = container.streams.video[0]
+    average = Fraction(stream.average_rate or stream.guessed_rate or DEFAULT_FRAME_RATE)
+    frame_interval = 1 / average
+    rate = position_rate(sample_fps, average)
+    interval = 1 / Fraction(sample_fps) if sample_fps > 0 else None
+    time_base = Fraction(stream.time_base) if stream.time_base else None
+    clock = VideoClock(time_base, frame_interval, jumps_are_breaks=not seekable(container))
+    decoded = container.decode(stream)
+    warmup = 0  # frames after a seek whose bounds are not known yet (they need the frame before)
+    if margin is not None:
+        first = next(decoded, None)  # its timestamp anchors video time; it fixes the geometry
+        origin = clock.stamp(first) if first is not None else None
+        if origin is None:  # no timestamp to seek by
+            raise _SeekMissed(trust_index=False)
+        report.frames_decoded += 1
+        report.geometry = report.geometry or frame_geometry(first, stream)
+        target = origin + (after - 1) / rate - margin
+        if target <= origin:  # the start is as near: read on from there
+            decoded = itertools.chain([first], decoded)
+        else:
+            container.seek(int(target / time_base), stream=stream)
+            decoded = container.decode(stream)
+            clock = VideoClock(time_base, frame_interval, jumps_are_breaks=False, origin=origin)
+            report.seeked, warmup = True, 2
+    previous: Fraction | None = None
+    previous_bound: Fraction | None = None
+    coded_size: tuple[int, int] | None = None
+    pending: tuple[av.VideoFrame, Fraction, int, int, int] | None = None  # the sample at or before `after`
+    changes = breaks = 0  # since the last sample
+    sampled = 0
+    while True:
+        try:
+            frame = next(decoded)
+        except StopIteration:
+            break
         except av.FFmpegError as error:
-            if not sampled:
+            if not (sampled or pending or after):
                 raise
             report.error = one_line(error)
-            return
+            break
+        report.frames_decoded += 1
+        breaks_before = clock.breaks
         elapsed = clock.time_of(frame)
-        report.timestamp_discontinuities = clock.breaks
+        if report.seeked and warmup == 2 and elapsed > target - origin + frame_interval:
+            raise _SeekMissed(trust_index=False)  # it landed after the point asked for
+        breaks += clock.breaks - breaks_before
+        report.timestamp_discontinuities += clock.breaks - breaks_before
         if coded_size not in (None, (frame.width, frame.height)):
+            changes += 1
             report.size_changes += 1
         coded_size = (frame.width, frame.height)
         spacing = elapsed - previous if previous is not None and elapsed > previous else frame_interval
-        tolerance = min(spacing, frame_interval) / 2  # where the rate varies, the local interval
-        previous = elapsed
-        if interval is not None:
-            if elapsed <= next_time - tolerance:
+        bound = elapsed + min(spacing, frame_interval) / 2  # where the rate varies, the local interval
+        lower, previous_bound, previous = previous_bound, bound, elapsed
+        if warmup:
+            warmup -= 1
+            changes = breaks = 0
+            continue
+        if interval is None:
+            position = math.floor(elapsed * rate + Fraction(1, 2))
+        else:  # the grid points in [lower, bound) are this frame's
+            first_point = 0 if lower is None else math.ceil(lower / interval)
+            position = math.ceil(bound / interval) - 1
+            if position < first_point:
                 continue
-            next_time = (math.floor((elapsed + tolerance) / interval) + 1) * interval
-        report.geometry = report.geometry or frame_geometry(frame, stream)
-        yield SampledFrame(source_index=index, timestamp=float(elapsed), rgb=frame_rgb(frame, report.geometry))
+        if max_frames and position >= max_frames:
+            break
+        index = math.floor(elapsed * average + Fraction(1, 2))
+        if after is not None and position <= after:
+            pending, changes, breaks = (frame, elapsed, index, position), 0, 0  # counted by the window before
+            continue
+        if after is not None:
+            if pending is None:  # only after a seek: the first frame of all is at position 0
+                raise _SeekMissed  # the frame the window shares lies before the keyframe
+            yield _sampled(stream, report, *pending)
+            sampled += 1
+            pending, after = None, None
+        yield _sampled(stream, report, frame, elapsed, index, position, changes, breaks)
         sampled += 1
+        changes = breaks = 0
+    if pending is not None:  # the video ends with the shared frame: a window without frames of its own
+        yield _sampled(stream, report, *pending)
+    elif report.seeked and after is not None:
+        raise _SeekMissed  # nothing at all after the seek
+
+
+def _sampled(
+    stream: av.video.stream.VideoStream,
+    report: DecodeReport,
+    frame: av.VideoFrame,
+    elapsed: Fraction,
+    index: int,
+    position: int,
+    changes: int = 0,
+    breaks: int = 0,
+) -> SampledFrame:
+    report.geometry = report.geometry or frame_geometry(frame, stream)
+    return SampledFrame(
+        source_index=index,
+        timestamp=float(elapsed),
+        rgb=frame_rgb(frame, report.geometry),
+        position=position,
+        size_changes=changes,
+        timestamp_discontinuities=breaks,
+    )
 
 
 class H264Writer:
@@ -293,3 +444,46 @@ class H264Writer:
             self.close()
         else:  # nothing worth flushing: the file is discarded
             self.container.close()
+
+
+def join_mp4(parts: Sequence[Path], destination: Path) -> None:
+    """Join MP4s that `H264Writer` made with the same size and rate into one faststart MP4 at
+    `destination`, one after another, without re-encoding: each part starts with a keyframe, so
+    its packets are copied as they are, shifted in time by the parts before it."""
+    with av.open(str(destination), mode="w", format="mp4", options={"movflags": "+faststart"}) as output:
+        joined = None
+        offset = 0  # in the parts' time base
+        for part in parts:
+            with av.open(str(part)) as source:
+                stream = source.streams.video[0]
+                encoding = (stream.codec_context.extradata, stream.time_base, stream.width, stream.height)
+                if joined is None:
+                    joined, first = output.add_stream_from_template(stream), encoding
+                elif encoding != first:
+                    raise ValueError(f"{part.name} was encoded differently from {parts[0].name}")
+                end = offset
+                for packet in source.demux(stream):
+                    if packet.size == 0:  # the demuxer's end-of-stream marker
+                        continue
+                    end = max(end, offset + packet.pts + packet.duration)
+                    packet.pts += offset
+                    packet.dts += offset
+                    packet.stream = joined
+                    output.mux(packet)
+                offset = end
+
+
+def read_frames(path: Path, numbers: Iterable[int]) -> dict[int, np.ndarray]:
+    """Frames of a video by their number in decode order, as (H, W, 3) uint8 RGB; decoding stops
+    after the last one asked for."""
+    wanted = set(numbers)
+    found: dict[int, np.ndarray] = {}
+    if not wanted:
+        return found
+    with av.open(str(path)) as container:
+        for number, frame in enumerate(container.decode(video=0)):
+            if number in wanted:
+                found[number] = frame.to_ndarray(format="rgb24")
+                if len(found) == len(wanted):
+                    break
+    return found

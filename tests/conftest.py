@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -21,6 +22,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import make_tiny_sam3  # noqa: E402
 import process_segmentation as ps  # noqa: E402
 from synthetic_video import pitch_frame, write_test_video  # noqa: E402, F401 (shared with the tests)
+
+PROMPTS = ["soccer player", "ball"]
 
 # One thread was several times faster than two on the 2-core CI machine.
 torch.set_num_threads(1)
@@ -98,3 +101,54 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_video() -> Callable[..., Path]:
     """Factory: make_video(path, seconds=2, fps=25, size=(160, 96), frame_times=None) -> path."""
     return write_test_video
+
+
+def yaml_task(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def venv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The venv running these tests; a stand-in with the same interpreter when there is none."""
+    prefix = Path(sys.prefix)
+    if (prefix / "bin" / "activate").is_file():
+        return prefix
+    stand_in = tmp_path_factory.mktemp("venv")
+    (stand_in / "bin").mkdir()
+    (stand_in / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (stand_in / "bin" / "python").chmod(0o755)
+    (stand_in / "bin" / "activate").write_text(f'export PATH="{stand_in}/bin:$PATH"\n')
+    return stand_in
+
+
+@pytest.fixture
+def run_block(tmp_path: Path, tiny_model_dir: Path, venv_dir: Path):
+    """run_block(yaml_name, output_dir, rank=None, num_jobs=None, **envs) -> (exit status, output)."""
+
+    def run(
+        yaml_name: str, output_dir: Path, rank: int | None = None, num_jobs: int | None = None, **envs: str
+    ):
+        task = yaml_task(yaml_name)
+        # One file per call: ranks run side by side, and bash reads its script as it goes.
+        script = tmp_path / f"{Path(yaml_name).stem}-run-{rank}-{os.urandom(4).hex()}.sh"
+        script.write_text(task["run"])
+        env = {key: value for key, value in os.environ.items() if not key.startswith("SKYPILOT_")}
+        env.update({key: str(value) for key, value in task["envs"].items() if value is not None})
+        env.update(
+            OUTPUT_DIR=str(output_dir),
+            MODEL=str(tiny_model_dir),
+            VENV_DIR=str(venv_dir),
+            DEVICE="cpu",  # the YAMLs' default, cuda, fails where no GPU is visible
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            PROMPTS=";".join(PROMPTS),
+        )
+        env.update(envs)
+        if rank is not None:
+            env.update(SKYPILOT_JOB_RANK=str(rank), SKYPILOT_NUM_JOBS=str(num_jobs))
+        result = subprocess.run(
+            ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    return run

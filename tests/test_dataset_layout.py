@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import process_segmentation as ps
-from sam3_pipeline.dataset import collect_videos, select_shard
-from test_job_shares import run_block, snapshot, venv_dir  # noqa: F401 (fixtures)
+from sam3_pipeline.dataset import collect_videos, select_units
+from test_job_shares import snapshot
 from test_summary import FAILED, complete, lay_out, read_summary, run_cli
 
 # Key -> seconds: three videos named 1.mp4 in different folders, one of them two folders deep.
@@ -40,11 +40,12 @@ def segment(inputs: list[Path], output_dir: Path, model_dir: Path, *extra: str) 
 
 
 def result_files(output_dir: Path) -> list[str]:
-    """Every file below `output_dir` as a relative path; the summary left out."""
+    """Every file below `output_dir` as a relative path; the summary, and the windows each video was
+    assembled from (test_windows.py covers those), left out."""
     return sorted(
         p.relative_to(output_dir).as_posix()
         for p in output_dir.rglob("*")
-        if p.is_file() and p.name not in ("summary.json", "summary.csv")
+        if p.is_file() and p.name not in ("summary.json", "summary.csv") and p.parent.name != "windows"
     )
 
 
@@ -301,24 +302,29 @@ def test_a_different_video_under_an_old_name_is_redone(tmp_path, tiny_model_dir,
     assert code == 0 and skipped(stderr) == [str(videos / "one.mkv")]
 
 
-def test_shares_do_not_change_when_a_duration_probe_fails(tmp_path, make_video, monkeypatch):
-    """A read that fails on one worker only (a bucket mount's transient error) gives that job the
-    same shares as the others."""
+def test_shares_do_not_change_when_a_duration_probe_fails_once(tmp_path, make_video, monkeypatch):
+    """A read that fails once on one worker (a bucket mount's transient error) gives that job the
+    same shares as the others: every job plans every video's windows from its duration."""
     clips = {"a/1": 4, "a/2": 3, "b/1": 2, "b/2": 2, "c": 1, "d": 1}
     videos = make_dataset(tmp_path / "videos", clips, make_video)
+    args = ps.parse_args([str(videos), "--chunk-frames", "3"])
 
-    def shares() -> list[list[str]]:
+    def shares() -> list[list[tuple[str, int]]]:
         found = collect_videos([videos], tmp_path / "out")
-        return [[video.key for video in select_shard(found, rank, 3)] for rank in range(3)]
+        units = [unit for video in found for unit in ps.units_of(video, ps.plan_video(video, args), args)]
+        return [[(unit.video.key, unit.first) for unit in select_units(units, rank, 3)] for rank in range(3)]
 
     everywhere = shares()
-    assert sorted(sum(everywhere, [])) == sorted(clips)
+    assert sorted(key for share in everywhere for key, _ in share if _ == 0) == sorted(clips)
     real_open = ps.av.open
+    failed = []
 
     def failing_open(file, *args, **kwargs):
-        if str(file) == str(videos / "a" / "2.mp4"):
+        if str(file) == str(videos / "a" / "2.mp4") and not failed:
+            failed.append(file)
             raise OSError(5, "Input/output error", str(file))
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(ps.av, "open", failing_open)
     assert shares() == everywhere
+    assert failed, "the probe failed once"

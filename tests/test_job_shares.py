@@ -9,71 +9,16 @@ the venv running these tests, and DEVICE=cpu replaces the YAMLs' cuda.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import PROMPTS, yaml_task
 
-REPO = Path(__file__).resolve().parent.parent
-# Name -> seconds. Names sort against durations (and file sizes), so cutting the sorted list into
-# equal counts (the upstream example's way) would give one share 10 s and another 3 s.
+# Name -> seconds. Names sort against durations, so cutting the sorted list into equal counts
+# (the upstream example's way) would give one share 10 s and another 3 s.
 CLIPS = {"a1": 4, "a2": 3, "a3": 3, "b1": 2, "b2": 2, "b3": 2, "c1": 1, "c2": 1, "c3": 1}
 FEW_CLIPS = {"a1": 4, "b1": 2, "c1": 1}
-PROMPTS = ["soccer player", "ball"]
-
-
-def yaml_task(name: str) -> dict:
-    return yaml.safe_load((REPO / name).read_text())
-
-
-@pytest.fixture(scope="module")
-def venv_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The venv running these tests; a stand-in with the same interpreter when there is none."""
-    prefix = Path(sys.prefix)
-    if (prefix / "bin" / "activate").is_file():
-        return prefix
-    stand_in = tmp_path_factory.mktemp("venv")
-    (stand_in / "bin").mkdir()
-    (stand_in / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (stand_in / "bin" / "python").chmod(0o755)
-    (stand_in / "bin" / "activate").write_text(f'export PATH="{stand_in}/bin:$PATH"\n')
-    return stand_in
-
-
-@pytest.fixture
-def run_block(tmp_path: Path, tiny_model_dir: Path, venv_dir: Path):
-    """run_block(yaml_name, output_dir, rank=None, num_jobs=None, **envs) -> (exit status, output)."""
-
-    def run(
-        yaml_name: str, output_dir: Path, rank: int | None = None, num_jobs: int | None = None, **envs: str
-    ):
-        task = yaml_task(yaml_name)
-        script = tmp_path / f"{Path(yaml_name).stem}-run.sh"
-        script.write_text(task["run"])
-        env = {key: value for key, value in os.environ.items() if not key.startswith("SKYPILOT_")}
-        env.update({key: str(value) for key, value in task["envs"].items() if value is not None})
-        env.update(
-            OUTPUT_DIR=str(output_dir),
-            MODEL=str(tiny_model_dir),
-            VENV_DIR=str(venv_dir),
-            DEVICE="cpu",  # the YAMLs' default, cuda, fails where no GPU is visible
-            HF_HUB_OFFLINE="1",
-            OMP_NUM_THREADS="1",
-            PROMPTS=";".join(PROMPTS),
-        )
-        env.update(envs)
-        if rank is not None:
-            env.update(SKYPILOT_JOB_RANK=str(rank), SKYPILOT_NUM_JOBS=str(num_jobs))
-        result = subprocess.run(
-            ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
-        return result.returncode, result.stdout + result.stderr
-
-    return run
 
 
 def make_clips(folder: Path, clips: dict[str, int], make_video) -> Path:
@@ -143,17 +88,16 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
             assert metadata["prompts"] == PROMPTS
             assert metadata["frames_processed"] == clips[stem]  # 1 frame per second of video
 
-    # Shares are weighed by file size, which every job reads the same way.
-    sizes = {stem: (videos / f"{stem}.mp4").stat().st_size for stem in clips}
-    loads = [sum(sizes[stem] for stem in share) for share in names]
-    ideal = sum(sizes.values()) / num_jobs
+    # Shares are weighed by the frames each window is expected to hold: here one window per video,
+    # one frame per second of video.
+    loads = [sum(clips[stem] for stem in share) for share in names]
+    ideal = sum(clips.values()) / num_jobs
     largest = max(range(num_jobs), key=lambda rank: loads[rank])
-    # Within one video of the ideal: without its last (smallest) video, the largest share is at most ideal.
-    assert loads[largest] - min(sizes[stem] for stem in names[largest]) <= ideal, (loads, ideal)
-    seconds = [sum(clips[stem] for stem in share) for share in names]
+    # Within one window of the ideal: without its last (smallest) video, the largest share is at most ideal.
+    assert loads[largest] - min(clips[stem] for stem in names[largest]) <= ideal, (loads, ideal)
     print(
         f"\n{num_jobs} jobs, {len(clips)} videos ({sum(clips.values())} s): videos per share "
-        f"{[len(share) for share in names]}, seconds per share {seconds}, bytes per share {loads}: {names}"
+        f"{[len(share) for share in names]}, seconds per share {loads}: {names}"
     )
 
     # A recovered job (same rank) finds its videos complete and does nothing.

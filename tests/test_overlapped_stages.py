@@ -15,16 +15,21 @@ import sys
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
 import process_segmentation as ps
 import sam3_pipeline.sam3
 import sam3_pipeline.video_io
+import sam3_pipeline.windows
 from conftest import REPO, failure_lines, run_cli, segment, write_test_video
 
 # Fields that say how and when a run went, not what it found.
-RUN_FIELDS = {"processing_seconds", "frames_per_second", "stage_seconds", "pipeline", "completed_at", "output_video"}
+RUN_FIELDS = {
+    "processing_seconds", "assembly_seconds", "frames_per_second", "stage_seconds", "pipeline", "completed_at",
+    "output_video", "windows",
+}  # fmt: skip
 FINISHED_LOOKING = ("_segmented.mp4", "_tracks.jsonl", "_mot.txt", "_preview.jpg", "_metadata.json")
 
 
@@ -34,7 +39,8 @@ def frames_of(video: Path) -> list[np.ndarray]:
 
 
 def test_overlapped_outputs_are_the_serial_outputs_byte_for_byte(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    """Tracks, MOT, preview and metadata byte for byte; the MP4 from the very same frames.
+    """Tracks, MOT and metadata byte for byte; the MP4 from the very same frames, and the preview
+    (cut from the MP4) within encoder noise.
 
     The MP4's bytes are not compared: libx264 (through PyAV) was seen to encode the same frames
     to slightly different bytes depending on what the process had allocated before (measured:
@@ -66,20 +72,30 @@ def test_overlapped_outputs_are_the_serial_outputs_byte_for_byte(tmp_path, tiny_
     serial, overlapped = metadata["serial"], metadata["overlapped"]
     assert serial["chunking"]["windows"] == 3, "IDs carried across windows in both"
     for fields in (serial, overlapped):
-        del fields["outputs"]["video"]
+        del fields["outputs"]["video"], fields["outputs"]["preview"]
     assert {k: v for k, v in serial.items() if k not in RUN_FIELDS} == {
         k: v for k, v in overlapped.items() if k not in RUN_FIELDS
     }
-    for name in ("match_tracks.jsonl", "match_mot.txt", "match_preview.jpg"):
+    for name in ("match_tracks.jsonl", "match_mot.txt"):
         assert (tmp_path / "serial" / "match" / name).read_bytes() == (
             tmp_path / "overlapped" / "match" / name
         ).read_bytes(), name
     decoded = [frames_of(tmp_path / mode / "match" / "match_segmented.mp4") for mode in ("serial", "overlapped")]
     assert len(decoded[0]) == len(decoded[1]) == 20
     assert max(np.abs(a.astype(int) - b).mean() for a, b in zip(*decoded)) < 2, "the same pictures"
+    previews = [cv2.imread(str(tmp_path / mode / "match" / "match_preview.jpg")) for mode in ("serial", "overlapped")]
+    assert previews[0].shape == previews[1].shape and np.abs(previews[0].astype(int) - previews[1]).mean() < 2
     assert set(overlapped["stage_seconds"]) == {
-        "decode", "preprocess", "sam3", "masks", "overlay", "encode", "preview", "tracks"
+        "decode", "preprocess", "sam3", "masks", "overlay", "encode", "tracks"
     }  # fmt: skip
+    for mode in ("serial", "overlapped"):  # which window, computed how: the same but for who and when
+        windows = metadata[mode]["windows"]
+        how = ("computed_by", "seconds", "completed_at")
+        assert [{k: v for k, v in w.items() if k not in how} for w in windows] == [
+            {"window": 0, "first_frame": 0, "frames": 8, "positions": [0, 7]},
+            {"window": 1, "first_frame": 8, "frames": 7, "positions": [8, 14]},
+            {"window": 2, "first_frame": 15, "frames": 5, "positions": [15, 21]},
+        ]
 
 
 def fail_in_video_a(function, error: Exception):
@@ -108,7 +124,7 @@ def fail_in_video_a(function, error: Exception):
     [
         (sam3_pipeline.video_io, "frame_rgb", OSError(5, "Input/output error"), "[Errno 5] Input/output error"),
         (sam3_pipeline.sam3, "session_output", RuntimeError("CUDA error: out of memory"), "CUDA error: out of memory"),
-        (ps, "draw_overlay", MemoryError("no room for the overlay"), "MemoryError: no room for the overlay"),
+        (sam3_pipeline.windows, "draw_overlay", MemoryError("no room"), "MemoryError: no room"),
     ],
     ids=["decode-thread", "sam3-stage", "outputs-process"],
 )

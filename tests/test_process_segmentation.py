@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,8 +287,8 @@ def test_chunked_run_keeps_ids_across_windows_and_every_frame(tmp_path, tiny_mod
         assert len(frames) == 20
 
     chunked, whole = runs["chunked"], runs["whole"]
-    # windows share a frame: 0-7, 7-14, 14-19
-    assert chunked["chunking"] == {"chunk_frames": 8, "windows": 3, "frames_per_window": [8, 8, 6]}
+    # frames 0-7, then 8-14 and 15-19 (each session also fed the frame before, to match IDs on)
+    assert chunked["chunking"] == {"chunk_frames": 8, "windows": 3, "frames_per_window": [8, 7, 5]}
     assert whole["chunking"]["windows"] == 1
     assert chunked["frames_processed"] == whole["frames_processed"] == 20
     assert chunked["sampled_frame_indices"] == whole["sampled_frame_indices"] == list(range(20))
@@ -394,6 +395,7 @@ def test_error_record_is_cleared_when_the_video_later_succeeds(tmp_path, tiny_mo
         "later_preview.jpg",
         "later_segmented.mp4",
         "later_tracks.jsonl",
+        "windows",
     ]
 
 
@@ -605,7 +607,7 @@ def test_metadata_lists_every_output_with_size_and_checksum(tmp_path, tiny_model
     assert code == 0, stderr
     folder = tmp_path / "clip"
     metadata = json.loads((folder / "clip_metadata.json").read_text())
-    written = {path.name for path in folder.iterdir()} - {"clip_metadata.json"}
+    written = {path.name for path in folder.iterdir()} - {"clip_metadata.json", "windows"}
     assert {entry["file"] for entry in metadata["outputs"].values()} == written
     for entry in metadata["outputs"].values():
         data = (folder / entry["file"]).read_bytes()
@@ -626,16 +628,34 @@ def test_video_with_a_missing_or_cut_output_is_not_done_and_is_redone(
     tmp_path, tiny_model_dir, capsys, suffix, damage
 ):
     """What a worker lost while the bucket was still uploading leaves: metadata, but not every
-    file it lists, whole."""
+    file it lists, whole. Its windows are whole, so the video is assembled again from them
+    (by --summarize or by a run, which says why); without them it is computed again."""
     video = write_test_video(tmp_path / "clip.mp4", seconds=2.0)
     out = tmp_path / "out"
     assert run_cli(segment([video], out, tiny_model_dir), capsys)[0] == 0
     target = out / "clip" / f"clip{suffix}"
-    if damage == "delete":
-        target.unlink()
-    else:
-        target.write_bytes(target.read_bytes()[:10])
+    whole = target.read_bytes()
 
+    def break_it() -> None:
+        if damage == "delete":
+            target.unlink()
+        else:
+            target.write_bytes(whole[:10])
+
+    break_it()
+    assert ps.main(["--summarize", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["counts"]["done"] == 1
+    assert target.read_bytes() == whole, "assembled again from the same windows: the same file"
+
+    break_it()
+    code, stderr = run_cli(segment([video], out, tiny_model_dir), capsys)
+    assert code == 0 and f"skip {video}: complete" not in stderr
+    [redo] = [line for line in stderr.splitlines() if line.startswith("redo ")]
+    assert target.name in redo, redo
+    assert "window 0: computed before" in stderr and target.read_bytes() == whole
+
+    break_it()
+    shutil.rmtree(out / "clip" / "windows")
     assert ps.main(["--summarize", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["done"] == 0 and summary["counts"]["missing"] == 1

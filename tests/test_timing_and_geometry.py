@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import process_segmentation as ps
+import sam3_pipeline.assembly
 from conftest import failure_lines, run_cli, segment
 from ffmpeg_tools import decode_rgb, ffmpeg, ffprobe_stream, frame_times, require_ffmpeg
 from sam3_pipeline.outputs import STALE_PARTIAL_SECONDS, partial_path
@@ -285,14 +286,14 @@ def test_a_failed_metadata_write_fails_that_video_alone(tmp_path, tiny_model_dir
     videos.mkdir()
     for name in ("a", "b"):
         ffmpeg(*lavfi_clip("160x120", "25", 1), "-c:v", "libx264", videos / f"{name}.mp4")
-    real_write_json = ps.write_json
+    real_write_json = sam3_pipeline.assembly.write_json
 
     def disk_full_for_a(path: Path, data: dict) -> None:
         if path.name == "a_metadata.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write_json(path, data)
 
-    monkeypatch.setattr(ps, "write_json", disk_full_for_a)
+    monkeypatch.setattr(sam3_pipeline.assembly, "write_json", disk_full_for_a)
     out = tmp_path / "out"
     code, stderr = run_cli(segment([videos], out, tiny_model_dir), capsys)
 

@@ -12,8 +12,8 @@ from pycocotools import mask as coco_mask
 
 import process_segmentation as ps
 from sam3_pipeline.outputs import coco_rle
-from sam3_pipeline.overlay import PreviewSheet
-from sam3_pipeline.sam3 import Detections, model_frames, prepare_frames, track_objects
+from sam3_pipeline.overlay import preview_jpeg, preview_picks
+from sam3_pipeline.sam3 import Detections, detections_from, model_frames, prepare_frames
 from sam3_pipeline.stages import StageTimes
 from sam3_pipeline.video_io import SampledFrame
 from conftest import pitch_frame, write_test_video
@@ -101,10 +101,11 @@ def test_tracks_jsonl_masks_decode_to_what_the_overlay_drew(tracked_run):
 def test_tracks_masks_are_the_masks_the_overlay_draws(tiny_model_dir):
     """On real (tiny) SAM3 output: each RLE decodes to the very mask draw_overlay is given."""
     segmenter = ps.load_segmenter(str(tiny_model_dir), torch.device("cpu"), torch.float32)
-    frames = [SampledFrame(i, i / 2, pitch_frame(i, 160, 96)) for i in range(3)]
+    frames = [SampledFrame(i, i / 2, pitch_frame(i, 160, 96), position=i) for i in range(3)]
     checked = 0
     outputs = model_frames(segmenter, prepare_frames(segmenter, frames, StageTimes()), PROMPTS, chunk_frames=100)
-    for _, detections in track_objects(outputs, (96, 160)):
+    for output in outputs:
+        detections = detections_from(output.output, (96, 160))
         for i in range(len(detections.object_ids)):
             decoded = coco_mask.decode(
                 coco_rle(detections.boxes[i], detections.masks[i], (96, 160))
@@ -146,23 +147,19 @@ def test_preview_is_a_jpeg_grid_of_documented_size(tracked_run):
     assert sheet[:270].std() > 5 and sheet[270:].std() > 5, "six frames: both rows are filled"
 
 
-def test_preview_sheet_spreads_tiles_over_a_stream_of_unknown_length():
-    sheet = PreviewSheet((90, 160))
-    for number in range(100):
-        frame = np.full((90, 160, 3), number, dtype=np.uint8)
-        sheet.offer(number, float(number), frame)
-    assert len(sheet.kept) < 4 * 6, "memory stays bounded"
-    rendered = sheet.render()
-    assert rendered.shape == (2 * 270, 3 * 480, 3)
+def test_preview_spreads_tiles_evenly_over_the_video():
+    picks = preview_picks(100)
+    assert picks[0] == 0 and picks[-1] == 99 and len(picks) == 6
+    frames = [(float(number), np.full((90, 160, 3), number, dtype=np.uint8)) for number in picks]
+    rendered = cv2.imdecode(np.frombuffer(preview_jpeg(frames, (90, 160)), np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert rendered.shape == (2 * 270, 3 * 480)
     # each tile's brightness is the number of the frame it shows (read away from the timestamp text)
     shown = [
         int(np.median(rendered[r * 270 + 100 : (r + 1) * 270, c * 480 : (c + 1) * 480]))
         for r in range(2)
         for c in range(3)
     ]
-    assert shown[0] == 0 and shown[-1] >= 80, shown
-    gaps = np.diff(shown)
-    assert gaps.min() > 0 and gaps.max() <= 1.5 * gaps.min(), shown
+    assert shown == picks == [0, 20, 40, 59, 79, 99], shown
 
 
 def test_no_tracks_flag_skips_tracks_and_mot_but_keeps_preview(tmp_path, tiny_model_dir):
@@ -183,4 +180,5 @@ def test_no_tracks_flag_skips_tracks_and_mot_but_keeps_preview(tmp_path, tiny_mo
         == 0
     )
     names = sorted(p.name for p in (tmp_path / "quick").iterdir())
-    assert names == ["quick_metadata.json", "quick_preview.jpg", "quick_segmented.mp4"]
+    assert names == ["quick_metadata.json", "quick_preview.jpg", "quick_segmented.mp4", "windows"]
+    assert sorted(p.name for p in (tmp_path / "quick" / "windows").iterdir()) == ["w00000.json", "w00000.mp4"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_in_skypilot_venv
-from test_job_shares import PROMPTS, completed, make_clips, venv_dir  # noqa: F401 (venv_dir: a fixture)
+from test_job_shares import PROMPTS, completed, make_clips
 
 REPO = Path(__file__).resolve().parent.parent
 YAMLS = {"job": "sam3-job.yaml", "single": "sam3-test-single.yaml"}
