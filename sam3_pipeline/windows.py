@@ -246,9 +246,6 @@ class WindowWriter:
         write_json(destination["record"], record)
         return record
 
-    def discard(self) -> None:
-        self.stack.close()
-
 
 def computed_by(shard_index: int, num_shards: int) -> dict[str, Any]:
     """Who computes a window: this job's share, host and process."""
