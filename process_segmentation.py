@@ -300,8 +300,10 @@ def draw_and_record(
 
         def publish(window: WindowWriter, final: bool, decode_error: str | None = None) -> None:
             parent = timing.get(window.window)
-            if parent:
-                window.times.seconds.update(parent.stage_seconds)
+            if parent:  # this process's stages come first in the record, as in the pipeline
+                merged = collections.Counter(parent.stage_seconds)
+                merged.update(window.times.seconds)
+                window.times.seconds = merged
             unit = {"final": final, "decode_error": decode_error, "frames_decoded": parent and parent.frames_decoded}
             records.append(window.publish(folder, {**facts, **unit}))
             ended.append(time.monotonic())

@@ -8,6 +8,7 @@ publishes whole files only, and both make the same bytes from the same windows.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -126,11 +127,11 @@ def object_summaries(windows: Sequence[dict[str, Any]], mappings: list[dict[int,
 
 def preview_frames(windows: Sequence[dict[str, Any]], folder: Path) -> list[tuple[float, np.ndarray]]:
     """The frames the preview shows (`preview_picks`), decoded from the windows' overlay parts."""
-    total = sum(record["frames"] for record in windows)
+    offsets = frame_offsets(windows)
     picks = collections.defaultdict(list)  # window index -> frame numbers within it
-    for number in preview_picks(total):
-        index = next(i for i, offset in reversed(list(enumerate(frame_offsets(windows)))) if offset <= number)
-        picks[index].append(number - frame_offsets(windows)[index])
+    for number in preview_picks(sum(record["frames"] for record in windows)):
+        index = bisect.bisect_right(offsets, number) - 1  # past windows without frames, whose offset repeats
+        picks[index].append(number - offsets[index])
     frames = []
     for index, numbers in sorted(picks.items()):
         record = windows[index]

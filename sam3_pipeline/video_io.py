@@ -330,7 +330,7 @@ def _samples(
     previous: Fraction | None = None
     previous_bound: Fraction | None = None
     coded_size: tuple[int, int] | None = None
-    pending: tuple[av.VideoFrame, Fraction, int, int, int] | None = None  # the sample at or before `after`
+    pending: tuple[av.VideoFrame, Fraction, int, int] | None = None  # the sample at or before `after`
     changes = breaks = 0  # since the last sample
     sampled = 0
     while True:
