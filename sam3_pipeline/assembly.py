@@ -23,9 +23,8 @@ import numpy as np
 
 from sam3_pipeline.outputs import (
     detections_from_records,
-    file_record,
     now_iso,
-    publish,
+    publish_all,
     scratch_dir,
     write_json,
 )
@@ -155,9 +154,7 @@ def assemble(paths: dict[str, Path], windows: Sequence[dict[str, Any]]) -> dict[
             rewrite_tracks(windows, folder, mappings, local["tracks"], local["mot"])
         size = (facts["height"], facts["width"])
         local["preview"].write_bytes(preview_jpeg(preview_frames(windows, folder), size))
-        outputs = {key: file_record(local[key]) for key in products}
-        for key in products:
-            publish(local[key], paths[key])
+        outputs = publish_all(local, paths)
 
     final = windows[-1]
     objects = object_summaries(windows, mappings)

@@ -136,6 +136,15 @@ def publish(local_file: Path, destination: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def publish_all(local: dict[str, Path], destinations: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """`publish` each local file to its destination of the same kind; returns each one's
+    `file_record`, taken before the move, for the record written after them."""
+    records = {key: file_record(path) for key, path in local.items()}
+    for key, path in local.items():
+        publish(path, destinations[key])
+    return records
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace `path` whole, even while other processes or threads write it too.
 
@@ -303,6 +312,12 @@ def output_problems(folder: Path, metadata: dict[str, Any]) -> list[str]:
     outputs = metadata.get("outputs")
     if not isinstance(outputs, dict) or "video" not in outputs:
         return ["the metadata lists no outputs"]
+    return listed_file_problems(folder, outputs)
+
+
+def listed_file_problems(folder: Path, outputs: dict[str, Any]) -> list[str]:
+    """What is wrong with files listed as {kind: `file_record`}: [] when each is in `folder` with
+    its listed size."""
     problems = []
     for key, entry in outputs.items():
         listed = isinstance(entry, dict) and isinstance(entry.get("file"), str)

@@ -30,10 +30,10 @@ from typing import Any
 from sam3_pipeline.outputs import (
     ObjectTrack,
     TrackWriter,
-    file_record,
+    listed_file_problems,
     now_iso,
     object_records,
-    publish,
+    publish_all,
     read_record,
     update_tracks,
     write_json,
@@ -87,21 +87,6 @@ def window_files(folder: Path, window: int) -> dict[str, Path]:
     }
 
 
-def window_problems(folder: Path, record: dict[str, Any]) -> list[str]:
-    """What is wrong with the files a window record lists: [] when each is there with its size
-    (a bucket mount uploads them side by side, so a lost worker can leave the record without one)."""
-    problems = []
-    for entry in (record.get("outputs") or {}).values():
-        try:
-            size = (folder / WINDOWS_FOLDER / entry["file"]).stat().st_size
-        except (OSError, KeyError, TypeError):
-            problems.append(f"{entry} is missing")
-            continue
-        if size != entry.get("bytes"):
-            problems.append(f"{entry['file']} has {size} of its {entry.get('bytes')} bytes")
-    return problems
-
-
 def done_windows(folder: Path, recipe: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
     """The complete windows of a video, by number: records that say complete, whose files are
     whole and, when `recipe` is given, that were computed with that recipe (the same source,
@@ -117,7 +102,7 @@ def done_windows(folder: Path, recipe: dict[str, Any] | None = None) -> dict[int
                 continue
             if recipe is not None and record.get("recipe") != recipe:
                 continue
-            if not window_problems(folder, record):
+            if not listed_file_problems(folder / WINDOWS_FOLDER, record.get("outputs") or {}):
                 records[record["window"]] = record
     return records
 
@@ -218,12 +203,10 @@ class WindowWriter:
         who computed it, and whether the video ends in this window (`final`, `decode_error`).
         Returns the record."""
         self.stack.close()
-        produced = [key for key in ("video", "tracks", "mot") if self.scratch[key].exists()]
-        outputs = {key: file_record(self.scratch[key]) for key in produced}
+        produced = {key: self.scratch[key] for key in ("video", "tracks", "mot") if self.scratch[key].exists()}
         destination = window_files(folder, self.window)
         destination["record"].parent.mkdir(parents=True, exist_ok=True)
-        for key in produced:
-            publish(self.scratch[key], destination[key])
+        outputs = publish_all(produced, destination)
         record = {
             "status": "complete",
             "window": self.window,
