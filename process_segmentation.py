@@ -194,10 +194,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--overwrite", action="store_true", help="redo videos whose results are already complete"
     )
+    parser.set_defaults(tracks=True)  # not the flag's own default: --help would print "(default: True)"
     parser.add_argument(
         "--no-tracks",
         dest="tracks",
         action="store_false",
+        default=argparse.SUPPRESS,
         help="skip the per-frame tracks (JSONL with COCO RLE masks, MOT text)",
     )
     parser.add_argument(
@@ -581,6 +583,11 @@ def log_notes(video: Video, metadata: dict[str, Any]) -> None:
         )
     if count := metadata["timestamp_discontinuities"]:
         log(f"note: {video.path}: its timestamps restart or jump {how_often(count)}; video time runs on across them")
+    if count := metadata["frames_behind"]:
+        log(
+            f"warning: {video.path}: {count} frame{'s' if count > 1 else ''} dropped: their timestamps go back "
+            "to frames already kept (parts that overlap in time, joined in one file)"
+        )
     if count := metadata["size_changes"]:
         log(
             f"note: {video.path}: its frame size changes {how_often(count)}; every frame is scaled to the "

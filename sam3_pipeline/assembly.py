@@ -170,6 +170,7 @@ def assemble(paths: dict[str, Path], windows: Sequence[dict[str, Any]]) -> dict[
         **facts,
         "size_changes": sum(record["size_changes"] for record in windows),
         "timestamp_discontinuities": discontinuities,
+        "frames_behind": sum(record["frames_behind"] for record in windows),
         "plan": windows[0]["plan"],
         "chunking": {
             "chunk_frames": windows[0]["recipe"]["chunk_frames"],

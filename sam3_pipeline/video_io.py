@@ -35,6 +35,7 @@ class SampledFrame:
     position: int  # its point on the sampling grid (`sample_frames`): what places it in a window
     size_changes: int = 0  # decoded frames since the sample before whose coded size changed
     timestamp_discontinuities: int = 0  # restarts and jumps of the timestamps since the sample before
+    frames_behind: int = 0  # frames dropped since the sample before: their timestamps went back (`VideoClock`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +167,13 @@ class VideoClock:
     timestamps jump back; splices can make them jump far ahead. At such a break the video time
     goes on one frame interval after the frame before it, and `breaks` counts it. Gaps shorter
     than MAX_FRAME_GAP (or two frame intervals, where frames are that sparse) are real: time runs
-    on through them. In containers with an index (`seekable`), whose timestamps never restart, a
-    jump ahead is a pause however long: so their windows can be found by seeking, each window's
-    time computed without the frames before it. `origin` (the first frame's timestamp) starts a
+    on through them.
+
+    In containers with an index (`seekable`) video time is the timestamp less the first one, so
+    that their windows can be found by seeking, each window's time computed without the frames
+    before it: a jump ahead is a pause however long, and a frame whose timestamp is not after the
+    one before (parts that overlap in time, remuxed into one file) has no time of its own:
+    `time_of` gives None and the sampler drops it. `origin` (the first frame's timestamp) starts a
     clock part way through such a video.
     """
 
@@ -192,7 +197,8 @@ class VideoClock:
         """The frame's timestamp in seconds, None when it has none."""
         return frame.pts * self.time_base if frame.pts is not None and self.time_base else None
 
-    def time_of(self, frame: av.VideoFrame) -> Fraction:
+    def time_of(self, frame: av.VideoFrame) -> Fraction | None:
+        """The frame's video time; None for a frame not after the one before in a seekable container."""
         stamp = self.stamp(frame)
         after_last = Fraction(0) if self.last_time is None else self.last_time + self.frame_interval
         if stamp is None:  # one frame interval after the frame before
@@ -200,9 +206,10 @@ class VideoClock:
         else:
             if self.offset is None:  # the first timestamp
                 self.offset = after_last - stamp
-            elif self.last_stamp is not None and not (
-                stamp >= self.last_stamp and (self.max_gap is None or stamp - self.last_stamp <= self.max_gap)
-            ):
+            elif self.last_stamp is not None and self.max_gap is None:
+                if stamp <= self.last_stamp:
+                    return None
+            elif self.last_stamp is not None and not self.last_stamp <= stamp <= self.last_stamp + self.max_gap:
                 self.offset = after_last - stamp
                 self.breaks += 1
             self.last_stamp = stamp
@@ -218,6 +225,7 @@ class DecodeReport:
     geometry: FrameGeometry | None = None  # set by the first frame
     error: str | None = None  # why decoding stopped before the end of the video, if it did
     timestamp_discontinuities: int = 0  # restarts and jumps of the timestamps (`VideoClock`)
+    frames_behind: int = 0  # frames dropped for a timestamp that went back (`VideoClock`)
     size_changes: int = 0  # frames whose coded size differs from the frame before
     frames_decoded: int = 0  # every frame the decoder gave, sampled or not
     seeked: bool = False  # decoding started at a keyframe part way through
@@ -285,7 +293,8 @@ def sample_frames(
             yield from _samples(container, sample_fps, max_frames, report, after, margin)
             return
         except _SeekMissed as missed:  # raised before any sample was yielded
-            report.error, report.timestamp_discontinuities, report.size_changes, report.seeked = None, 0, 0, False
+            report.error, report.seeked = None, False
+            report.timestamp_discontinuities = report.size_changes = report.frames_behind = 0
             container.seek(0)
             if not missed.trust_index:
                 break
@@ -331,7 +340,7 @@ def _samples(
     previous_bound: Fraction | None = None
     coded_size: tuple[int, int] | None = None
     pending: tuple[av.VideoFrame, Fraction, int, int] | None = None  # the sample at or before `after`
-    changes = breaks = 0  # since the last sample
+    changes = breaks = behind = 0  # since the last sample
     sampled = 0
     while True:
         try:
@@ -346,6 +355,10 @@ def _samples(
         report.frames_decoded += 1
         breaks_before = clock.breaks
         elapsed = clock.time_of(frame)
+        if elapsed is None:
+            behind += 1
+            report.frames_behind += 1
+            continue
         if report.seeked and warmup == 2 and elapsed > target - origin + frame_interval:
             raise _SeekMissed(trust_index=False)  # it landed after the point asked for
         breaks += clock.breaks - breaks_before
@@ -359,7 +372,7 @@ def _samples(
         lower, previous_bound, previous = previous_bound, bound, elapsed
         if warmup:
             warmup -= 1
-            changes = breaks = 0
+            changes = breaks = behind = 0
             continue
         if interval is None:
             position = math.floor(elapsed * rate + Fraction(1, 2))
@@ -372,7 +385,8 @@ def _samples(
             break
         index = math.floor(elapsed * average + Fraction(1, 2))
         if after is not None and position <= after:
-            pending, changes, breaks = (frame, elapsed, index, position), 0, 0  # counted by the window before
+            pending = (frame, elapsed, index, position)
+            changes = breaks = behind = 0  # counted by the window before
             continue
         if after is not None:
             if pending is None:  # only after a seek: the first frame of all is at position 0
@@ -380,9 +394,9 @@ def _samples(
             yield _sampled(stream, report, *pending)
             sampled += 1
             pending, after = None, None
-        yield _sampled(stream, report, frame, elapsed, index, position, changes, breaks)
+        yield _sampled(stream, report, frame, elapsed, index, position, changes, breaks, behind)
         sampled += 1
-        changes = breaks = 0
+        changes = breaks = behind = 0
     if pending is not None:  # the video ends with the shared frame: a window without frames of its own
         yield _sampled(stream, report, *pending)
     elif report.seeked and after is not None:
@@ -398,6 +412,7 @@ def _sampled(
     position: int,
     changes: int = 0,
     breaks: int = 0,
+    behind: int = 0,
 ) -> SampledFrame:
     report.geometry = report.geometry or frame_geometry(frame, stream)
     return SampledFrame(
@@ -407,6 +422,7 @@ def _sampled(
         position=position,
         size_changes=changes,
         timestamp_discontinuities=breaks,
+        frames_behind=behind,
     )
 
 

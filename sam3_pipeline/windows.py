@@ -167,6 +167,7 @@ class WindowWriter:
         self.last_objects: list[dict[str, Any]] = []
         self.size_changes = 0
         self.timestamp_discontinuities = 0
+        self.frames_behind = 0
 
     def share(self, detections: Detections) -> None:
         """The objects this window's session sees on the frame it shares with the window before."""
@@ -196,6 +197,7 @@ class WindowWriter:
         self.source_frames.append(sample.source_index)
         self.size_changes += sample.size_changes
         self.timestamp_discontinuities += sample.timestamp_discontinuities
+        self.frames_behind += sample.frames_behind
 
     def publish(self, folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
         """Close the window's files, move them into `folder`/windows/ and write its record last.
@@ -217,6 +219,7 @@ class WindowWriter:
             "source_frames": self.source_frames,
             "size_changes": self.size_changes,
             "timestamp_discontinuities": self.timestamp_discontinuities,
+            "frames_behind": self.frames_behind,
             "object_order": self.order,
             "objects": [dataclasses.asdict(track) for _, track in sorted(self.summaries.items())],
             "shared_objects": self.shared_objects,

@@ -22,7 +22,6 @@ import av
 import numpy as np
 import pytest
 
-import process_segmentation as ps
 import sam3_pipeline.assembly
 from conftest import failure_lines, run_cli, segment
 from ffmpeg_tools import decode_rgb, ffmpeg, ffprobe_stream, frame_times, require_ffmpeg
@@ -147,6 +146,32 @@ def test_a_long_jump_forward_is_a_discontinuity_and_a_short_gap_is_not(tmp_path)
     after_pause = float(frame_times(paused)[10])  # the second part's first frame
     assert after_pause > 2.5
     assert samples[1].timestamp == pytest.approx(after_pause), "video time runs on through the pause"
+
+
+def test_frames_that_go_back_in_a_seekable_file_are_dropped_alike_in_every_window(tmp_path, tiny_model_dir, capsys):
+    """Two parts that overlap by two frames, remuxed into an MKV: its windows are found by seeking,
+    so video time there is the timestamp, and the two frames that go back have no place in it.
+    One window or six, the same frames are kept, and the user is told what was dropped."""
+    overlapping = joined_parts(tmp_path, ["160x120"] * 2, offsets=[0, 1])  # ffmpeg overlaps them by 2 frames
+    video = tmp_path / "remuxed.mkv"
+    ffmpeg("-i", overlapping, "-c", "copy", video)
+    assert ffprobe_stream(video)["nb_read_frames"] == 20
+    assert np.diff(frame_times(video)).min() < 0, "the input's timestamps go back"
+
+    results = {}
+    for chunk_frames in ("4", "1000"):
+        out = tmp_path / f"out-{chunk_frames}"
+        code, stderr, metadata = segment_one(
+            capsys, video, out, tiny_model_dir, "--sample-fps", "0", "--chunk-frames", chunk_frames, "--no-tracks"
+        )
+        assert code == 0, stderr
+        assert "2 frames dropped: their timestamps go back" in stderr
+        assert metadata["frames_behind"] == 2 and metadata["timestamp_discontinuities"] == 0
+        assert metadata["frames_processed"] == metadata["frames_expected"] == 18
+        assert ffprobe_stream(output_video(out, video))["nb_read_frames"] == 18
+        results[chunk_frames] = (metadata["sampled_timestamps"], metadata["chunking"]["windows"])
+    assert results["4"][1] == 6 and results["1000"][1] == 1
+    assert results["4"][0] == results["1000"][0] == pytest.approx([k / 10 for k in range(18)])
 
 
 # ---------------------------------------------------------------------------------------------
