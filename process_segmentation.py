@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import signal
 import sys
 import time
@@ -211,7 +212,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         metavar="DIR",
         help="run no model; assemble videos whose windows are all done, then write DIR/summary.json and "
-        "DIR/summary.csv (done / partial / failed / missing per video). "
+        "DIR/summary.csv (done / partial / failed / missing per video) and the results page DIR/index.html. "
         "INPUTs, if given, are the videos expected in DIR",
     )
     args = parser.parse_args(argv)
@@ -782,6 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read the output stopped early (`--summarize DIR | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from sam3_pipeline.outputs import (
     scratch_dir,
     write_json,
 )
-from sam3_pipeline.overlay import preview_jpeg, preview_picks
+from sam3_pipeline.overlay import color_hex, object_color, preview_jpeg, preview_picks
 from sam3_pipeline.sam3 import Detections, match_objects
 from sam3_pipeline.video_io import join_mp4, read_frames
 from sam3_pipeline.windows import window_files
@@ -87,7 +87,12 @@ def rewrite_tracks(
 
 
 def object_summaries(windows: Sequence[dict[str, Any]], mappings: list[dict[int, int]]) -> list[dict[str, Any]]:
-    """Each object's entry in the metadata, from the windows' summaries of their own objects."""
+    """Each object's entry in the metadata, from the windows' summaries of their own objects.
+
+    `spans`: per window it is seen in, its first and last frame there and its overlay colour
+    there (the overlay is drawn with each window's own IDs, so the colour can change between
+    windows), spans of one colour that follow on without a gap joined: what the results page's
+    timeline draws."""
     merged: dict[int, dict[str, Any]] = {}
     for record, mapping, offset in zip(windows, mappings, frame_offsets(windows), strict=True):
         for track in record["objects"]:
@@ -102,9 +107,20 @@ def object_summaries(windows: Sequence[dict[str, Any]], mappings: list[dict[int,
                     "frames_present": 0,
                     "score": 0.0,
                     "score_sum": 0.0,
+                    "spans": [],
                 }
             entry["last_frame"] = offset + track["last_frame"]
             entry["last_timestamp"] = track["last_time"]
+            span = {
+                "first_frame": offset + track["first_frame"],
+                "last_frame": offset + track["last_frame"],
+                "color": color_hex(object_color(track["object_id"])),
+            }
+            before = entry["spans"][-1] if entry["spans"] else None
+            if before and before["color"] == span["color"] and before["last_frame"] + 1 == span["first_frame"]:
+                before["last_frame"] = span["last_frame"]  # one bar where nothing changes between windows
+            else:
+                entry["spans"].append(span)
             entry["frames_present"] += track["frames_present"]
             entry["score"] = max(entry["score"], track["max_score"])
             entry["score_sum"] += track["score_sum"]
@@ -119,6 +135,7 @@ def object_summaries(windows: Sequence[dict[str, Any]], mappings: list[dict[int,
             "frames_present": entry["frames_present"],
             "score": round(entry["score"], 4),
             "mean_score": round(entry["score_sum"] / entry["frames_present"], 4),
+            "spans": entry["spans"],
         }
         for _, entry in sorted(merged.items())
     ]

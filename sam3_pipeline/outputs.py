@@ -153,7 +153,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     """
     partial = partial_path(path)
     try:
-        partial.write_text(text)
+        partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -47,6 +47,11 @@ def object_color(object_id: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in PALETTE[object_id % len(PALETTE)])
 
 
+def color_hex(color: tuple[int, int, int]) -> str:
+    """An RGB colour as CSS writes it: `#1f77b4`."""
+    return "#" + "".join(f"{channel:02x}" for channel in color)
+
+
 def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
     """Blend each mask in its object's colour, box it and label it with its prompt.
 
@@ -100,14 +105,25 @@ def preview_picks(total: int) -> list[int]:
     return np.unique(np.linspace(0, total - 1, num=min(tiles, total)).round().astype(int)).tolist()
 
 
+def preview_tile(frame_size: tuple[int, int]) -> tuple[int, int]:
+    """(W, H) of one preview tile for frames of frame_size (H, W): PREVIEW_TILE_WIDTH wide, the
+    frame's aspect ratio, an even height."""
+    height, width = frame_size
+    return PREVIEW_TILE_WIDTH, max(2, round(PREVIEW_TILE_WIDTH * height / width / 2) * 2)
+
+
+def preview_size(frame_size: tuple[int, int]) -> tuple[int, int]:
+    """(W, H) of the preview sheet for frames of frame_size (H, W)."""
+    tile_w, tile_h = preview_tile(frame_size)
+    return PREVIEW_GRID[0] * tile_w, PREVIEW_GRID[1] * tile_h
+
+
 def preview_jpeg(frames: Sequence[tuple[float, np.ndarray]], frame_size: tuple[int, int]) -> bytes:
     """A contact sheet of (timestamp, (H, W, 3) uint8 RGB frame) pairs, each shrunk to a tile
     PREVIEW_TILE_WIDTH wide and stamped with its time, PREVIEW_GRID tiles in rows; unused tiles
     stay black. frame_size: (H, W). Returns the JPEG file's bytes."""
-    height, width = frame_size
-    tile_size = (PREVIEW_TILE_WIDTH, max(2, round(PREVIEW_TILE_WIDTH * height / width / 2) * 2))
+    tile_w, tile_h = tile_size = preview_tile(frame_size)
     columns, rows = PREVIEW_GRID
-    tile_w, tile_h = tile_size
     sheet = np.zeros((rows * tile_h, columns * tile_w, 3), dtype=np.uint8)
     for slot, (timestamp, frame) in enumerate(frames[: columns * rows]):
         thumbnail = cv2.resize(frame, tile_size, interpolation=cv2.INTER_AREA)

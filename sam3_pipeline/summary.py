@@ -23,6 +23,7 @@ from sam3_pipeline.outputs import (
     write_json,
     write_text_atomically,
 )
+from sam3_pipeline.page import PAGE_NAME, results_page
 from sam3_pipeline.windows import WINDOWS_FOLDER, complete_run, done_windows
 
 
@@ -71,8 +72,9 @@ def assemble_ready(output_dir: Path, keys: Sequence[str]) -> None:
         log(f"assembled {key} from its {len(windows)} window{'s' if len(windows) > 1 else ''}")
 
 
-def summary_row(output_dir: Path, key: str) -> dict[str, Any]:
-    """One video's entry in the summary, from what its folder under `output_dir` holds.
+def summary_row(output_dir: Path, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One video's entry in the summary, from what its folder under `output_dir` holds, and its
+    complete metadata ({} unless done or partial).
 
     done: complete metadata with every output it lists whole (`completed_metadata`);
     partial: the same, but decoding stopped before the end of the video (a file cut short);
@@ -88,7 +90,7 @@ def summary_row(output_dir: Path, key: str) -> dict[str, Any]:
         status = "failed"
     else:
         status = "missing"
-    return {
+    row = {
         "video": key,
         "status": status,
         "frames_processed": metadata.get("frames_processed"),
@@ -98,6 +100,7 @@ def summary_row(output_dir: Path, key: str) -> dict[str, Any]:
         "decode_error": metadata.get("decode_error"),
         "error": failure.get("error") if status == "failed" else None,
     }
+    return row, metadata
 
 
 def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -122,7 +125,7 @@ def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def print_summary(output_dir: Path, counts: dict[str, int], rows: Sequence[dict[str, Any]]) -> None:
     """A short table on stdout: videos per status, then each failed video with its error."""
-    print(f"{len(rows)} videos in {output_dir} (summary.json, summary.csv)")
+    print(f"{len(rows)} videos in {output_dir} (summary.json, summary.csv, {PAGE_NAME})")
     for status, count in counts.items():
         print(f"  {status:<8} {count:>6}")
     for row in rows:
@@ -133,7 +136,8 @@ def print_summary(output_dir: Path, counts: dict[str, int], rows: Sequence[dict[
 
 
 def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
-    """Write summary.json and summary.csv into `output_dir` and print the counts.
+    """Write summary.json, summary.csv and the results page (index.html, `page.results_page`)
+    into `output_dir` and print the counts.
 
     The videos are those `output_dir` holds results or error records of (`result_keys`), and those
     among `inputs` (files or folders, as for a run), which count as missing when they have neither.
@@ -145,7 +149,8 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
     try:
         keys = result_keys(output_dir) | {video.key for video in videos}
         assemble_ready(output_dir, sorted(keys))
-        rows = [summary_row(output_dir, key) for key in sorted(keys)]
+        results = [summary_row(output_dir, key) for key in sorted(keys)]
+        rows = [row for row, _ in results]
         counts = {
             status: sum(row["status"] == status for row in rows)
             for status in ("done", "partial", "failed", "missing")
@@ -153,6 +158,8 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
         summary = {"generated_at": now_iso(), "output_dir": str(output_dir), "counts": counts, "videos": rows}
         write_json(output_dir / "summary.json", summary)
         write_text_atomically(output_dir / "summary.csv", summary_csv(rows))
+        metadatas = {row["video"]: metadata for row, metadata in results if metadata}
+        write_text_atomically(output_dir / PAGE_NAME, results_page(output_dir, summary, metadatas))
     except OSError as error:
         raise UsageError(f"{output_dir}: cannot summarize: {one_line(error)}") from None
     print_summary(output_dir, counts, rows)

@@ -40,12 +40,12 @@ def segment(inputs: list[Path], output_dir: Path, model_dir: Path, *extra: str) 
 
 
 def result_files(output_dir: Path) -> list[str]:
-    """Every file below `output_dir` as a relative path; the summary, and the windows each video was
-    assembled from (test_windows.py covers those), left out."""
+    """Every file below `output_dir` as a relative path; the summary and the results page, and the
+    windows each video was assembled from (test_windows.py covers those), left out."""
     return sorted(
         p.relative_to(output_dir).as_posix()
         for p in output_dir.rglob("*")
-        if p.is_file() and p.name not in ("summary.json", "summary.csv") and p.parent.name != "windows"
+        if p.is_file() and p.name not in ("summary.json", "summary.csv", "index.html") and p.parent.name != "windows"
     )
 
 

@@ -9,6 +9,7 @@ the venv running these tests, and DEVICE=cpu replaces the YAMLs' cuda.
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,11 +48,12 @@ def summary_counts(output_dir: Path) -> dict[str, int]:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder with its mtime and size; the summary, which every job rewrites, left out."""
+    """Every file and folder with its mtime and size; the summary and the results page, which every
+    job rewrites, left out."""
     return {
         str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
         for p in folder.rglob("*")
-        if p.name not in ("summary.json", "summary.csv")
+        if p.name not in ("summary.json", "summary.csv", "index.html")
     }
 
 
@@ -78,10 +80,13 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
     names = [sorted(share) for share in shares]
     logs = "\n".join(f"--- rank {rank}:\n{output[-1500:]}" for rank, (_, output) in enumerate(results))
     assert sorted(sum(names, [])) == sorted(clips), f"every video exactly once; shares: {names}\n{logs}"
-    # each rank's summary: its share done, the rest of the dataset missing
+    # each rank's summary and results page: its share done, the rest of the dataset missing
     for share, out in zip(names, outputs, strict=True):
         missing = len(clips) - len(share)
         assert summary_counts(out) == {"done": len(share), "partial": 0, "failed": 0, "missing": missing}
+        page = (out / "index.html").read_text()
+        cards = re.findall(r'<li class="card" data-status="(\w+)"', page)
+        assert (cards.count("done"), cards.count("missing")) == (len(share), missing)
     for share in shares:
         for stem, metadata in share.items():
             assert metadata["source_path"] == str(videos / f"{stem}.mp4")

@@ -223,6 +223,26 @@ for _ in range(int(rounds)):
 """
 
 
+def test_summary_read_by_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`--summarize DIR | head -1`: the reader is gone before the counts are printed. The files
+    are written all the same, and the run ends without a traceback."""
+    for i in range(20):
+        lay_out(tmp_path, f"clip{i:02d}", FAILED)
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the script prints anything: every print meets a closed pipe
+    summarizer = subprocess.run(
+        [sys.executable, str(REPO / "process_segmentation.py"), "--summarize", str(tmp_path)],
+        stdout=writer,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(writer)
+    assert summarizer.returncode == 141, summarizer.stderr  # 128 + SIGPIPE, as a shell reports it
+    assert summarizer.stderr == ""
+    assert read_summary(tmp_path)[0]["counts"]["failed"] == 20
+    assert (tmp_path / "index.html").is_file()
+
+
 def test_summary_racing_runs_leave_valid_files(tmp_path):
     out, go = tmp_path / "out", tmp_path / "go"
     stems = [f"clip{i:03d}" for i in range(150)]
