@@ -87,11 +87,11 @@ def _timeline_data(metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def objects_per_prompt(metadatas: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """Objects found per prompt, over all these videos."""
+def objects_per_prompt(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Objects found per prompt, over these summary rows."""
     found: dict[str, int] = {}
-    for metadata in metadatas:
-        for prompt, count in metadata.get("objects_per_prompt", {}).items():
+    for row in rows:
+        for prompt, count in row["objects_per_prompt"].items():
             found[prompt] = found.get(prompt, 0) + count
     return found
 
@@ -150,7 +150,7 @@ def results_page(output_dir: Path, summary: dict[str, Any], metadatas: dict[str,
     stats = [
         *((status, f"{count:,}") for status, count in counts.items()),
         ("frames processed", f"{sum(row['frames_processed'] or 0 for row in rows):,}"),
-        *((f"objects: {prompt}", f"{count:,}") for prompt, count in objects_per_prompt(metadatas.values()).items()),
+        *((f"objects: {prompt}", f"{count:,}") for prompt, count in objects_per_prompt(rows).items()),
         ("processing time", duration_text(sum(row["processing_seconds"] or 0 for row in rows))),
     ]
     generated = datetime.datetime.fromisoformat(summary["generated_at"]).strftime("%Y-%m-%d %H:%M %Z")

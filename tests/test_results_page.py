@@ -245,6 +245,7 @@ def test_keys_and_prompts_cannot_break_the_page_and_older_metadata_still_draws(t
         "outputs": {"video": {"file": "c d#1_segmented.mp4", "bytes": 1}},
     }
     row = {"video": key, "status": "done", "frames_processed": 2, "processing_seconds": 1.5, "error": None}
+    row["objects_per_prompt"] = {prompt: 1}
     summary = {
         "generated_at": "2026-01-02T03:04:05+00:00",
         "counts": {"done": 1, "partial": 0, "failed": 0, "missing": 0},
