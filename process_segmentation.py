@@ -60,6 +60,7 @@ from sam3_pipeline.device import (
 from sam3_pipeline.messages import UsageError, VideoError, log, one_line, redact
 from sam3_pipeline.outputs import (
     check_output_dir,
+    completed_metadata,
     now_iso,
     output_paths,
     output_problems,
@@ -69,6 +70,7 @@ from sam3_pipeline.outputs import (
     scratch_dir,
     source_change,
     write_json,
+    written_within,
 )
 from sam3_pipeline.sam3 import (
     DEFAULT_CHUNK_FRAMES,
@@ -97,10 +99,12 @@ from sam3_pipeline.video_io import (
 )
 from sam3_pipeline.windows import (
     WINDOWS_FOLDER,
+    BrokenWindows,
     WindowWriter,
     complete_run,
     computed_by,
     done_windows,
+    drop_windows,
     plan_units,
     unit_done,
     window_count,
@@ -116,7 +120,12 @@ MIN_SAMPLE_FPS = Fraction(1, 3600)
 # Frames waiting between two stages: enough to ride out one slow frame, few enough that memory
 # stays flat (a 720p frame with SAM3's input is ~15 MB; its 20 objects' logits ~7 MB).
 STAGE_QUEUE_DEPTH = 4
-PROBE_ATTEMPTS, PROBE_RETRY_SECONDS = 3, 0.5  # a video that cannot be opened is tried again, 0.5 s then 1 s later
+# A video that the system fails to read (a bucket mount's I/O error) is tried again 0.5, 1, 2 and 4 s later.
+PROBE_ATTEMPTS, PROBE_RETRY_SECONDS = 5, 0.5
+# How late one worker sees another's writes in the output folder: SkyPilot's MOUNT_CACHED bucket
+# shows them after rclone's upload and the reader's 10 s directory cache, 10-20 s (`--bucket-lag`).
+DEFAULT_BUCKET_LAG = 30.0
+POLL_SECONDS = 5.0  # how often a job that waits for other jobs' windows looks again
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -124,6 +133,21 @@ def default_output_dir() -> Path:
     """Under /outputs when it exists (the bucket mounted by the SkyPilot YAMLs), else here."""
     outputs = Path("/outputs")
     return outputs / "segmentation_results" if outputs.is_dir() else Path("segmentation_results")
+
+
+class PlanError(Exception):
+    """A video this job cannot read where other jobs may: it cannot make the split they make."""
+
+
+def seconds(text: str) -> float:
+    """--bucket-lag: seconds, from 0 to an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
+    return value
 
 
 def sample_rate(text: str) -> Fraction:
@@ -208,6 +232,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num-shards", type=int, default=1, help="how many shares the windows are split into")
     parser.add_argument(
+        "--bucket-lag",
+        type=seconds,
+        default=DEFAULT_BUCKET_LAG,
+        metavar="SECONDS",
+        help="with --num-shards > 1: how late other jobs' writes to --output-dir may show here (a SkyPilot "
+        "MOUNT_CACHED bucket: 10-20 s). The job waits this long at its end, assembling the videos that other jobs' "
+        "last windows complete; a result younger than this that misses a file is still arriving, not redone",
+    )
+    parser.add_argument(
         "--summarize",
         type=Path,
         metavar="DIR",
@@ -231,6 +264,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(
             f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}"
         )
+    if args.num_shards == 1:  # no other job writes into the output folder: nothing of another's is on its way
+        args.bucket_lag = 0.0
     args.prompts = [" ".join(prompt.split()) for prompt in args.prompts]
     if not all(args.prompts):
         parser.error("--prompts must not contain empty text")
@@ -393,9 +428,12 @@ def expected_positions(info: VideoInfo, args: argparse.Namespace) -> int | None:
 def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
     """What a video's windows are planned from, read from its container: {"positions": grid
     positions its duration spans (None when it states none), "seekable": `seekable`}; None where
-    it cannot be read (it then fails, with the reason, when it is computed). A read that fails is
-    tried again: every job plans every video, and a bucket mount's read that fails on one worker
-    only would give that job other shares than the rest."""
+    the file itself cannot be read as a video (every job reads the same bytes and plans it alike:
+    one unit, which fails with the reason when it is computed).
+
+    Every job plans every video to make the same split, so an error of the system rather than of
+    the file (OSError: a bucket mount's I/O error, a file the listing showed but the read did not
+    find), which may hit one worker only, is tried again, then raises PlanError."""
     for attempt in range(1, PROBE_ATTEMPTS + 1):
         try:
             with av.open(str(video.path)) as container:
@@ -403,10 +441,13 @@ def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
                 return {"positions": expected_positions(info, args), "seekable": seekable(container)}
         except VideoError:
             return None
-        except (av.FFmpegError, OSError):
+        except OSError as error:  # before FFmpegError: PyAV's errno errors are both
             if attempt == PROBE_ATTEMPTS:
-                return None
-            time.sleep(PROBE_RETRY_SECONDS * attempt)
+                waited = PROBE_RETRY_SECONDS * (2 ** (PROBE_ATTEMPTS - 1) - 1)
+                raise PlanError(f"{video.path}: {one_line(error)} ({PROBE_ATTEMPTS} reads over {waited:g} s)") from None
+            time.sleep(PROBE_RETRY_SECONDS * 2 ** (attempt - 1))
+        except av.FFmpegError:
+            return None
     return None
 
 
@@ -542,9 +583,25 @@ def process_unit(
 
 
 def start_redo(paths: dict[str, Path]) -> None:
-    """Remove a video's metadata before anything else about its redo can fail: an old "complete"
-    left standing would make the summary and later runs take the video as done."""
+    """Remove a video's outdated metadata before anything else about its redo can fail: an old
+    "complete" left standing would make the summary and later runs take the video as done."""
     paths["metadata"].unlink(missing_ok=True)
+
+
+def finished_meanwhile(
+    video: Video, paths: dict[str, Path], seen: dict[str, Any], outdated: bool, bucket_lag: float
+) -> dict[str, Any] | None:
+    """Before a video's work starts, possibly long after its triage: its metadata if another job
+    completed it since (then nothing here is redone); else None, after removing the outdated
+    metadata triage decided to replace, if it is still the one triage saw. Metadata that is
+    merely not whole here is never removed: another worker's files may still be arriving, and the
+    assembly replaces it anyway."""
+    current = read_record(paths["metadata"])
+    if current != seen and usable(current, video, paths["folder"], bucket_lag):
+        return current
+    if outdated and current == seen:
+        start_redo(paths)
+    return None
 
 
 def record_failure(video: Video, paths: dict[str, Path], error: BaseException) -> str:
@@ -638,30 +695,59 @@ def finish_video(video: Video, paths: dict[str, Path], windows: list[dict[str, A
     return metadata
 
 
-def triage(
-    videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace
-) -> tuple[list[Video], dict[Video, dict[str, Any] | None]]:
-    """The videos to work on (not complete; complete but not whole; made from another file), and
-    every video's plan (`plan_video`). Every job plans every video, complete or not, so that all
-    make the same split whatever they find done: a complete video from its metadata, the others
-    from their containers."""
-    todo, plans = [], {}
+@dataclasses.dataclass
+class Triage:
+    """What a job found of each video before its work: those to work on, the metadata it saw
+    (`seen`: {} for none), the metadata a redo replaces on purpose (`outdated`: --overwrite, or
+    results made from another file), and every video's plan (`plan_video`)."""
+
+    todo: list[Video]
+    seen: dict[Video, dict[str, Any]]
+    outdated: set[Video]
+    plans: dict[Video, dict[str, Any] | None]
+
+
+def usable(metadata: dict[str, Any], video: Video, folder: Path, bucket_lag: float) -> bool:
+    """Whether a video's metadata stands for its results: complete, made from this file, and its
+    files whole here, or still arriving (written less than `bucket_lag` ago: another worker's
+    upload, seen late, not a loss)."""
+    if metadata.get("status") != "complete" or source_change(metadata, video):
+        return False
+    return not output_problems(folder, metadata) or written_within(metadata, bucket_lag)
+
+
+def triage(videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace) -> Triage:
+    """Sort the videos into those to work on (not complete; complete but not whole; made from
+    another file; all with --overwrite) and the rest, and plan every video. Every job plans every
+    video, complete or not, so that all make the same split whatever they find done: a complete
+    video from its metadata, the others from their containers (PlanError where one cannot be
+    read)."""
+    found = Triage([], {}, set(), {})
     for video in videos:
         paths = paths_of[video]
-        metadata = {} if args.overwrite else read_record(paths["metadata"])
+        metadata = read_record(paths["metadata"])
+        found.seen[video] = metadata
+        if not args.overwrite and usable(metadata, video, paths["folder"], args.bucket_lag):
+            if problems := output_problems(paths["folder"], metadata):
+                log(f"note: {video.path}: complete at {metadata['completed_at']}, {problems[0]} here yet: still arriving")
+            found.plans[video] = metadata.get("plan")
+            continue
         if metadata.get("status") == "complete":
-            problems = output_problems(paths["folder"], metadata)
-            change = source_change(metadata, video)
-            if not problems and not change:
-                plans[video] = metadata.get("plan")
-                continue
-            if change:
+            if change := source_change(metadata, video):
                 log(f"redo {video.path}: the results in {paths['folder']} were {change}")
-            else:
+            elif not args.overwrite:
+                problems = output_problems(paths["folder"], metadata)
                 log(f"redo {video.path}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
-        todo.append(video)
-        plans[video] = plan_video(video, args)
-    return todo, plans
+            if args.overwrite or change:
+                found.outdated.add(video)
+        found.todo.append(video)
+        try:
+            found.plans[video] = plan_video(video, args)
+        except PlanError:
+            if args.num_shards > 1:
+                raise
+            found.plans[video] = None  # alone, the split does not matter: it fails with the reason when computed
+    return found
 
 
 def compute_video(
@@ -678,7 +764,6 @@ def compute_video(
     None while windows of other shares are still to come."""
     video = units[0].video
     planned = window_count(plan and plan["positions"], args.chunk_frames)
-    start_redo(paths)
     for unit in units:
         whole = unit.last is None and unit.first < planned - 1  # a video read from the start
         span = f"windows {unit.first}-{planned - 1}" if whole else f"window {unit.first}"
@@ -688,13 +773,79 @@ def compute_video(
         log(f"{numbered[unit]}/{len(numbered)} - {video.path}" + (f" {span} of {planned}" if planned > 1 else ""))
         for record in process_unit(unit, paths, segmenter, args, plan, skip=done):
             done[record["window"]] = record
+    try:
+        return assemble_if_ready(video, paths, args, planned, announce=True)
+    except BrokenWindows as error:
+        if segmenter is None:  # this job loaded no model: the next run computes them
+            raise
+        broken = error.problems
+    # Windows whose files were not as recorded, dropped by now: computed again here, once.
+    done = {window: record for window, record in done.items() if window not in broken}
+    for unit in units_of(video, plan, args):
+        if any(unit.first <= window and (unit.last is None or window <= unit.last) for window in broken):
+            log(f"again {video.path} window {unit.first}: its files were not as recorded")
+            for record in process_unit(unit, paths, segmenter, args, plan, skip=done):
+                done[record["window"]] = record
+    return assemble_if_ready(video, paths, args, planned, announce=True)
+
+
+def assemble_if_ready(
+    video: Video, paths: dict[str, Path], args: argparse.Namespace, planned: int, announce: bool
+) -> dict[str, Any] | None:
+    """Assemble a video whose windows are all there and return its metadata; None while windows
+    of other shares are still to come (said in the log when `announce`). Windows whose files are
+    not as recorded are dropped, so that they count as not done, and BrokenWindows raised."""
     records = done_windows(paths["folder"], recipe(video, args))
     windows = complete_run(records)
     if windows is None:
-        missing = ", ".join(map(str, sorted(set(range(planned)) - set(records))))
-        log(f"wait {video.path}: windows {missing} of {planned} still to come from other shares")
+        if announce:
+            missing = ", ".join(map(str, sorted(set(range(planned)) - set(records))))
+            log(f"wait {video.path}: windows {missing} of {planned} still to come from other shares")
         return None
-    return finish_video(video, paths, windows)
+    try:
+        return finish_video(video, paths, windows)
+    except BrokenWindows as error:
+        drop_windows(paths["folder"], error.problems)
+        log(f"warning: {video.path}: {error}")
+        raise
+
+
+def wait_for_other_shares(
+    waiting: Sequence[Video], todo: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace
+) -> tuple[list[Video], list[Video], list[str]]:
+    """At the end of a job's share (--num-shards > 1): wait --bucket-lag seconds, as long as the
+    bucket may take to show this worker what other jobs wrote before this one ended, and assemble
+    the `waiting` videos whose last windows that brings. Whichever job of a launch ends last has
+    then seen every other job's windows, so its assembly and the summary after it leave no video
+    unassembled and say so, however close together the jobs ended. The wait ends early when every
+    video of `todo` (those that were not complete) is complete here: nothing more can come.
+    Returns the videos complete, those still waiting, and the failures."""
+    started = time.monotonic()
+    assembled: list[Video] = []
+    failures: list[str] = []
+    left = list(waiting)
+    log(f"wait up to {args.bucket_lag:g} s for windows of other jobs (the bucket shows them late): {len(left)} videos")
+    while True:
+        for video in list(left):
+            paths = paths_of[video]
+            try:
+                metadata = read_record(paths["metadata"])
+                if usable(metadata, video, paths["folder"], args.bucket_lag) or assemble_if_ready(
+                    video, paths, args, 0, announce=False
+                ):
+                    left.remove(video)
+                    assembled.append(video)
+            except Exception as error:  # one video's trouble never stops the others
+                left.remove(video)
+                failures.append(record_failure(video, paths, error))
+                log(f"FAILED {failures[-1]}")
+        remaining = started + args.bucket_lag - time.monotonic()
+        if remaining <= 0 or all(completed_metadata(paths_of[video]) for video in todo):
+            break
+        time.sleep(min(POLL_SECONDS, remaining))
+    still = f", {len(left)} still waiting for jobs that are running" if left else ""
+    log(f"waited {time.monotonic() - started:.1f} s (GPU idle): {len(assembled)} videos complete{still}")
+    return assembled, left, failures
 
 
 def run(args: argparse.Namespace) -> int:
@@ -704,7 +855,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = choose_dtype(args.dtype, device)
     videos = collect_videos(args.inputs, args.output_dir)
     paths_of = {video: output_paths(args.output_dir, video.key) for video in videos}
-    todo, plans = triage(videos, paths_of, args)
+    try:
+        found = triage(videos, paths_of, args)
+    except PlanError as error:  # a guess at the video's windows would move other videos' windows between jobs
+        log(
+            f"error: cannot read {error}; every job reads every video to make the same split, so this job "
+            "computes nothing and exits 1, to be retried (SkyPilot's job_recovery)"
+        )
+        return EXIT_FAILED
+    todo, plans = found.todo, found.plans
     units = [unit for video in videos for unit in units_of(video, plans[video], args)]
     units = select_units(units, args.shard_index, args.num_shards)
     for video in dict.fromkeys(unit.video for unit in units if unit.video not in todo):  # this job's share only
@@ -716,6 +875,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"shard {args.shard_index}/{args.num_shards}: {count} videos: {describe_units(units, planned)}")
     if not units:
         log("nothing to do: " + ("this shard has no videos" if args.num_shards > 1 else "every video is complete"))
+        if args.num_shards > 1 and args.bucket_lag > 0 and todo:  # its summary must not miss the others' work
+            wait_for_other_shares([], todo, paths_of, args)
         return EXIT_OK
     check_output_dir(args.output_dir)
     mine = list(dict.fromkeys(unit.video for unit in units))
@@ -745,21 +906,30 @@ def run(args: argparse.Namespace) -> int:
         log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
         log(describe_device(device, dtype))
 
-    complete = waiting = 0
+    complete: list[Video] = []
+    waiting: list[Video] = []
     numbered = {unit: number for number, unit in enumerate(pending, start=1)}
     for video, group in itertools.groupby(units, key=lambda unit: unit.video):
         if video not in done:
             continue
+        paths = paths_of[video]
         try:
-            metadata = compute_video(list(group), paths_of[video], segmenter, args, plans[video], done[video], numbered)
+            metadata = finished_meanwhile(video, paths, found.seen[video], video in found.outdated, args.bucket_lag)
+            if metadata is not None:
+                log(f"skip {video.path}: completed by another job since this one started")
+            else:
+                metadata = compute_video(list(group), paths, segmenter, args, plans[video], done[video], numbered)
         except Exception as error:  # one bad video (or one failed write) never stops the others
-            failures.append(record_failure(video, paths_of[video], error))
+            failures.append(record_failure(video, paths, error))
             log(f"FAILED {failures[-1]}")
             continue
-        complete += metadata is not None
-        waiting += metadata is None
-    counts = f"{complete} of {len(mine)} videos complete, {len(failures)} failed"
-    log(counts + (f", {waiting} waiting for windows of other shares" if waiting else ""))
+        (complete if metadata is not None else waiting).append(video)
+    if args.num_shards > 1 and args.bucket_lag > 0:
+        assembled, waiting, late_failures = wait_for_other_shares(waiting, todo, paths_of, args)
+        complete += assembled
+        failures += late_failures
+    counts = f"{len(complete)} of {len(mine)} videos complete, {len(failures)} failed"
+    log(counts + (f", {len(waiting)} waiting for windows of other shares" if waiting else ""))
     for message in failures:
         log(f"  failed: {message}")
     return EXIT_FAILED if failures else EXIT_OK

@@ -31,7 +31,7 @@ from sam3_pipeline.outputs import (
 from sam3_pipeline.overlay import color_hex, object_color, preview_jpeg, preview_picks
 from sam3_pipeline.sam3 import Detections, match_objects
 from sam3_pipeline.video_io import join_mp4, read_frames
-from sam3_pipeline.windows import window_files
+from sam3_pipeline.windows import BrokenWindows, content_problems, window_file
 
 
 def video_ids(windows: Sequence[dict[str, Any]]) -> list[dict[int, int]]:
@@ -72,15 +72,14 @@ def rewrite_tracks(
         for record, mapping, offset in zip(windows, mappings, frame_offsets(windows), strict=True):
             if not record["frames"]:
                 continue
-            files = window_files(folder, record["window"])
-            with files["tracks"].open() as lines:
+            with window_file(folder, record, "tracks").open() as lines:
                 for line in lines:
                     frame = json.loads(line)
                     frame["frame"] += offset
                     for obj in frame["objects"]:
                         obj["id"] = mapping[obj["id"]]
                     tracks_out.write(json.dumps(frame, separators=(",", ":")) + "\n")
-            with files["mot"].open() as rows:
+            with window_file(folder, record, "mot").open() as rows:
                 for row in rows:
                     number, obj_id, rest = row.split(",", 2)
                     mot_out.write(f"{int(number) + offset},{mapping[int(obj_id)]},{rest}")
@@ -151,7 +150,7 @@ def preview_frames(windows: Sequence[dict[str, Any]], folder: Path) -> list[tupl
     frames = []
     for index, numbers in sorted(picks.items()):
         record = windows[index]
-        decoded = read_frames(window_files(folder, record["window"])["video"], numbers)
+        decoded = read_frames(window_file(folder, record, "video"), numbers)
         frames += [(record["timestamps"][number], decoded[number]) for number in numbers]
     return frames
 
@@ -161,12 +160,16 @@ def assemble(paths: dict[str, Path], windows: Sequence[dict[str, Any]]) -> dict[
     files, published whole; returns its metadata, which the caller writes last."""
     started = time.monotonic()
     folder = paths["folder"]
+    # Sizes were checked when the windows were listed; their bytes are read here anyway.
+    broken = {record["window"]: problems for record in windows if (problems := content_problems(folder, record))}
+    if broken:
+        raise BrokenWindows(broken)
     facts = windows[0]["video"]
     products = ["video", "preview", *(["tracks", "mot"] if windows[0]["recipe"]["tracks"] else [])]
     mappings = video_ids(windows)
     with scratch_dir() as scratch:
         local = {key: Path(scratch) / paths[key].name for key in products}
-        join_mp4([window_files(folder, r["window"])["video"] for r in windows if r["frames"]], local["video"])
+        join_mp4([window_file(folder, record, "video") for record in windows if record["frames"]], local["video"])
         if "tracks" in local:
             rewrite_tracks(windows, folder, mappings, local["tracks"], local["mot"])
         size = (facts["height"], facts["width"])

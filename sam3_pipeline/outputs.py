@@ -315,17 +315,20 @@ def output_problems(folder: Path, metadata: dict[str, Any]) -> list[str]:
     return listed_file_problems(folder, outputs)
 
 
-def listed_file_problems(folder: Path, outputs: dict[str, Any]) -> list[str]:
+def listed_file_problems(folder: Path, outputs: dict[str, Any], contents: bool = False) -> list[str]:
     """What is wrong with files listed as {kind: `file_record`}: [] when each is in `folder` with
-    its listed size."""
+    its listed size and, with `contents`, its listed SHA-256 (which reads every byte)."""
     problems = []
     for key, entry in outputs.items():
         listed = isinstance(entry, dict) and isinstance(entry.get("file"), str)
         if not (listed and isinstance(entry.get("bytes"), int)):
             problems.append(f"the metadata lists no size for its {key}")
             continue
+        path = folder / entry["file"]
         try:
-            size = (folder / entry["file"]).stat().st_size
+            size = path.stat().st_size
+            if size == entry["bytes"] and contents and file_record(path)["sha256"] != entry.get("sha256"):
+                problems.append(f"{entry['file']} does not have its listed SHA-256")
         except OSError:
             problems.append(f"{entry['file']} is missing")
             continue
@@ -344,6 +347,19 @@ def source_change(metadata: dict[str, Any], video: Video) -> str | None:
     if isinstance(size, int) and video.size is not None and size != video.size:
         return f"made from a file of {size} bytes, {video.path.name} has {video.size}"
     return None
+
+
+def written_within(record: dict[str, Any], seconds: float) -> bool:
+    """Whether a record that this script stamped (`completed_at`) was written less than `seconds`
+    ago. On a bucket a worker sees another's files 10-20 s late, and not all at once: a result that
+    young which misses a file is still arriving, not broken."""
+    try:
+        written = datetime.datetime.fromisoformat(record["completed_at"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if written.tzinfo is None:
+        return False
+    return (datetime.datetime.now(datetime.timezone.utc) - written).total_seconds() < seconds
 
 
 def completed_metadata(paths: dict[str, Path]) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import av
-
 from sam3_pipeline.assembly import assemble_and_record
 from sam3_pipeline.dataset import collect_videos, is_hidden
 from sam3_pipeline.messages import UsageError, log, one_line
@@ -24,7 +22,7 @@ from sam3_pipeline.outputs import (
     write_text_atomically,
 )
 from sam3_pipeline.page import PAGE_NAME, results_page
-from sam3_pipeline.windows import WINDOWS_FOLDER, complete_run, done_windows
+from sam3_pipeline.windows import WINDOWS_FOLDER, BrokenWindows, complete_run, done_windows, drop_windows
 
 
 def result_keys(output_dir: Path) -> set[str]:
@@ -56,18 +54,26 @@ def same_source(record: dict[str, Any]) -> bool:
 
 def assemble_ready(output_dir: Path, keys: Sequence[str]) -> None:
     """Assemble the videos among `keys` whose windows are all done but that have no complete
-    metadata yet: the jobs that computed their last windows may each have missed the other's."""
+    metadata with whole files here: the jobs that computed their last windows may each have
+    missed the other's, and a result still on its way from another worker is made again here
+    from the same windows (the same bytes), so that this summary can say what the bucket will
+    hold. Whatever goes wrong with one video is logged and leaves the others alone; windows
+    found broken are dropped, to be computed again."""
     for key in keys:
         paths = output_paths(output_dir, key)
         if completed_metadata(paths):
             continue
-        windows = complete_run(done_windows(paths["folder"]))
-        if windows is None or not same_source(windows[0]):
-            continue
         try:
+            windows = complete_run(done_windows(paths["folder"]))
+            if windows is None or not same_source(windows[0]):
+                continue
             assemble_and_record(paths, windows)
-        except (OSError, ValueError, av.FFmpegError) as error:
-            log(f"cannot assemble {key} from its windows: {one_line(error)}")
+        except BrokenWindows as error:
+            drop_windows(paths["folder"], error.problems)
+            log(f"cannot assemble {key}: {error}")
+            continue
+        except Exception as error:  # one video's trouble never costs the others their summary
+            log(f"cannot assemble {key} from its windows: {type(error).__name__}: {one_line(error)}")
             continue
         log(f"assembled {key} from its {len(windows)} window{'s' if len(windows) > 1 else ''}")
 

@@ -6,10 +6,15 @@ A window is a stretch of up to --chunk-frames sampled frames tracked by one SAM3
 compute any window. Its results go to the video's output folder, under `windows/`, with the IDs
 of its own session:
 
-  w00003.mp4            its frames of the overlay video (not the one it shares with window 2)
-  w00003_tracks.jsonl   its tracks and MOT rows, frames numbered from 0 within the window
-  w00003_mot.txt        (both only with tracks)
-  w00003.json           its record, written last: what it holds, and how it joins the window before
+  w00003-<sha>.mp4            its frames of the overlay video (not the one it shares with window 2)
+  w00003-<sha>_tracks.jsonl   its tracks and MOT rows, frames numbered from 0 within the window
+  w00003-<sha>_mot.txt        (both only with tracks)
+  w00003.json                 its record, written last: what it holds, how it joins the window
+                              before, and the files above by name, size and SHA-256
+
+<sha> is the first 12 hex digits of the file's SHA-256: two workers that compute one window (a
+recovered job beside its old copy's late uploads) never write over each other's files, so a
+record always names files of its own computation, whichever record lands last.
 
 `assembly.py` joins them into the video's results once every window is there.
 """
@@ -23,17 +28,20 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from sam3_pipeline.messages import VideoError
 from sam3_pipeline.outputs import (
     ObjectTrack,
     TrackWriter,
+    file_record,
     listed_file_problems,
     now_iso,
     object_records,
-    publish_all,
+    publish,
     read_record,
     update_tracks,
     write_json,
@@ -45,7 +53,50 @@ from sam3_pipeline.video_io import H264Writer, SampledFrame
 
 WINDOWS_FOLDER = "windows"
 RECORD_NAME = re.compile(r"w(\d{5,})\.json")
-WINDOW_PART = re.compile(r"w\d{5,}\.mp4")
+WINDOW_PART = re.compile(r"w\d{5,}(-[0-9a-f]{12})?\.mp4")  # without the digest: written before it was added
+DIGEST_LENGTH = 12
+# What assembly reads of a window record, by field and type: a record without one of them (written
+# by an older version, or cut short) is as good as missing and the window is computed again.
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "window": int,
+    "final": bool,
+    "frames": int,
+    "recipe": dict,
+    "video": dict,
+    "positions": list,
+    "timestamps": list,
+    "source_frames": list,
+    "size_changes": int,
+    "timestamp_discontinuities": int,
+    "frames_behind": int,
+    "object_order": list,
+    "objects": list,
+    "shared_objects": (list, type(None)),
+    "last_objects": list,
+    "outputs": dict,
+    "seconds": (int, float),
+    "stage_seconds": dict,
+    "completed_at": str,
+    "computed_by": dict,
+    "device": str,
+    "dtype": str,
+    "postprocessing": str,
+    "pipeline": str,
+    "decode_error": (str, type(None)),
+}
+RECIPE_FIELDS = ("source_name", "source_bytes", "prompts", "chunk_frames", "model", "tracks")
+VIDEO_FIELDS = ("key", "source_path", "width", "height", "frames_expected")
+TRACK_FIELDS = ("object_id", "prompt", "first_frame", "last_frame", "first_time", "last_time")
+TRACK_FIELDS += ("frames_present", "max_score", "score_sum")
+
+
+class BrokenWindows(VideoError):
+    """Windows whose files do not hold what their records list: they count as not done."""
+
+    def __init__(self, problems: dict[int, list[str]]) -> None:
+        self.problems = problems
+        described = "; ".join(f"window {window}: {', '.join(found)}" for window, found in sorted(problems.items()))
+        super().__init__(f"windows whose files are not as recorded, to compute again: {described}")
 
 
 def window_count(expected_positions: int | None, chunk_frames: int) -> int:
@@ -76,21 +127,55 @@ def plan_units(windows: int, seekable: bool) -> list[tuple[int, int | None]]:
     return [(window, window) for window in range(windows - 1)] + [(windows - 1, None)]
 
 
-def window_files(folder: Path, window: int) -> dict[str, Path]:
-    """Where window `window` of the video whose output folder is `folder` keeps its results."""
+def window_files(folder: Path, window: int, digests: dict[str, str] | None = None) -> dict[str, Path]:
+    """Where window `window` of the video whose output folder is `folder` keeps its record, and
+    its files with these SHA-256 `digests` (by kind; without them, the names in a scratch folder)."""
     base = folder / WINDOWS_FOLDER / f"w{window:05d}"
+
+    def named(kind: str, suffix: str) -> Path:
+        digest = f"-{digests[kind][:DIGEST_LENGTH]}" if digests and kind in digests else ""
+        return base.with_name(f"{base.name}{digest}{suffix}")
+
     return {
         "record": base.with_suffix(".json"),
-        "video": base.with_suffix(".mp4"),
-        "tracks": base.with_name(f"{base.name}_tracks.jsonl"),
-        "mot": base.with_name(f"{base.name}_mot.txt"),
+        "video": named("video", ".mp4"),
+        "tracks": named("tracks", "_tracks.jsonl"),
+        "mot": named("mot", "_mot.txt"),
     }
 
 
+def window_file(folder: Path, record: dict[str, Any], kind: str) -> Path:
+    """The file of `kind` ("video", "tracks", "mot") that a window's record names."""
+    return folder / WINDOWS_FOLDER / record["outputs"][kind]["file"]
+
+
+def record_problems(record: dict[str, Any]) -> list[str]:
+    """What a window record lacks of what assembly reads: [] when it can be used."""
+    problems = [
+        f"{field} is missing or not {' or '.join(kind.__name__ for kind in kinds)}"
+        for field, kind in RECORD_FIELDS.items()
+        for kinds in [kind if isinstance(kind, tuple) else (kind,)]
+        if not isinstance(record.get(field), kinds) or (bool not in kinds and isinstance(record.get(field), bool))
+    ]
+    if problems:
+        return problems
+    problems += [f"recipe lacks {field}" for field in RECIPE_FIELDS if field not in record["recipe"]]
+    problems += [f"video lacks {field}" for field in VIDEO_FIELDS if field not in record["video"]]
+    if len(record["timestamps"]) != record["frames"] or len(record["source_frames"]) != record["frames"]:
+        problems.append(f"its timestamps do not count its {record['frames']} frames")
+    if any(not isinstance(track, dict) or not set(TRACK_FIELDS) <= track.keys() for track in record["objects"]):
+        problems.append("an object summary lacks a field")
+    kinds = ["video", *(["tracks", "mot"] if record["recipe"].get("tracks") else [])] if record["frames"] else []
+    problems += [f"it lists no {kind} file" for kind in kinds if kind not in record["outputs"]]
+    return problems
+
+
 def done_windows(folder: Path, recipe: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
-    """The complete windows of a video, by number: records that say complete, whose files are
-    whole and, when `recipe` is given, that were computed with that recipe (the same source,
-    prompts, rate, window size, model); others are as good as missing."""
+    """The complete windows of a video, by number: records that say complete, hold what assembly
+    reads (`record_problems`), whose files are there with their listed sizes and, when `recipe`
+    is given, that were computed with that recipe (the same source, prompts, rate, window size,
+    model); others are as good as missing. Contents are checked where they are read
+    (`content_problems`)."""
     records = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder / WINDOWS_FOLDER):
@@ -100,11 +185,17 @@ def done_windows(folder: Path, recipe: dict[str, Any] | None = None) -> dict[int
             record = read_record(Path(entry.path))
             if record.get("status") != "complete" or record.get("window") != int(match[1]):
                 continue
-            if recipe is not None and record.get("recipe") != recipe:
+            if record_problems(record) or (recipe is not None and record["recipe"] != recipe):
                 continue
-            if not listed_file_problems(folder / WINDOWS_FOLDER, record.get("outputs") or {}):
+            if not listed_file_problems(folder / WINDOWS_FOLDER, record["outputs"]):
                 records[record["window"]] = record
     return records
+
+
+def content_problems(folder: Path, record: dict[str, Any]) -> list[str]:
+    """What is wrong with the bytes of the files a window's record lists: [] when each has its
+    listed SHA-256."""
+    return listed_file_problems(folder / WINDOWS_FOLDER, record["outputs"], contents=True)
 
 
 def complete_run(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -119,6 +210,12 @@ def complete_run(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]] | N
         if record["final"]:
             return run
     return None
+
+
+def drop_windows(folder: Path, windows: Iterable[int]) -> None:
+    """Remove the records of windows found broken, so that every process counts them as not done."""
+    for window in windows:
+        window_files(folder, window)["record"].unlink(missing_ok=True)
 
 
 def unit_done(records: dict[int, dict[str, Any]], first: int, last: int | None) -> bool:
@@ -206,9 +303,12 @@ class WindowWriter:
         Returns the record."""
         self.stack.close()
         produced = {key: self.scratch[key] for key in ("video", "tracks", "mot") if self.scratch[key].exists()}
-        destination = window_files(folder, self.window)
+        listed = {key: file_record(path) for key, path in produced.items()}
+        destination = window_files(folder, self.window, {key: entry["sha256"] for key, entry in listed.items()})
         destination["record"].parent.mkdir(parents=True, exist_ok=True)
-        outputs = publish_all(produced, destination)
+        for key, path in produced.items():
+            publish(path, destination[key])
+        outputs = {key: {**entry, "file": destination[key].name} for key, entry in listed.items()}
         record = {
             "status": "complete",
             "window": self.window,

@@ -139,6 +139,7 @@ def run_block(tmp_path: Path, tiny_model_dir: Path, venv_dir: Path):
             MODEL=str(tiny_model_dir),
             VENV_DIR=str(venv_dir),
             DEVICE="cpu",  # the YAMLs' default, cuda, fails where no GPU is visible
+            BUCKET_LAG="0",  # each rank writes its own folder, where no other's files are to come
             HF_HUB_OFFLINE="1",
             OMP_NUM_THREADS="1",
             PROMPTS=";".join(PROMPTS),
