@@ -824,6 +824,7 @@ def wait_for_other_shares(
     assembled: list[Video] = []
     failures: list[str] = []
     left = list(waiting)
+    unfinished = collections.deque(todo)  # checked in order, each until it is complete: a poll stops at the first that is not
     log(f"wait up to {args.bucket_lag:g} s for windows of other jobs (the bucket shows them late): {len(left)} videos")
     while True:
         for video in list(left):
@@ -839,8 +840,10 @@ def wait_for_other_shares(
                 left.remove(video)
                 failures.append(record_failure(video, paths, error))
                 log(f"FAILED {failures[-1]}")
+        while unfinished and completed_metadata(paths_of[unfinished[0]]):
+            unfinished.popleft()
         remaining = started + args.bucket_lag - time.monotonic()
-        if remaining <= 0 or all(completed_metadata(paths_of[video]) for video in todo):
+        if remaining <= 0 or not unfinished:
             break
         time.sleep(min(POLL_SECONDS, remaining))
     still = f", {len(left)} still waiting for jobs that are running" if left else ""
