@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATASET = "shreyamainkar/football-soccer-videos-dataset"
 # What the stand-in archive holds: a name with a space and a nested folder included.
 FILES = {"1.mp4": b"a" * 3000, "10.mp4": b"b" * 5000, "more clips/clip 2.mp4": b"c" * 2000}
-BEGIN, END = "# --- dataset", "# --- end dataset ---"
+BLOCKS = [("# --- inputs", "# --- end inputs ---"), ("# --- dataset", "# --- end dataset ---")]
 
 KAGGLE = """\
 import os, sys, zipfile
@@ -96,17 +96,23 @@ elif os.environ.get("FAIL_AT") == ("torch" if "--index-url" in args else "pip"):
 NVIDIA_SMI = 'print("580.95.05")  # --query-gpu=driver_version --format=csv,noheader on an L40S\n'
 
 
+def pool_envs() -> dict:
+    return yaml.safe_load((REPO / "sam3-pool.yaml").read_text())["envs"]
+
+
 def pool_setup() -> str:
     return yaml.safe_load((REPO / "sam3-pool.yaml").read_text())["setup"]
 
 
 def dataset_step() -> str:
-    """The dataset step of the pool's setup, with the setup's own shell options."""
+    """The input check and the dataset step of the pool's setup, with the setup's own shell options."""
     lines = pool_setup().splitlines()
     assert lines[0] == "set -euo pipefail", "the setup should start with its shell options"
-    begin = next(i for i, line in enumerate(lines) if line.startswith(BEGIN))
-    end = lines.index(END)
-    return "\n".join([lines[0], *lines[begin : end + 1]]) + "\n"
+    step = [lines[0]]
+    for begin, end in BLOCKS:
+        first = next(i for i, line in enumerate(lines) if line.startswith(begin))
+        step += lines[first : lines.index(end) + 1]
+    return "\n".join(step) + "\n"
 
 
 def write_tool(path: Path, body: str) -> None:
@@ -150,7 +156,10 @@ class Bench:
             "PATH": path,
             "HOME": str(self.home),
             "VENV_TOOLS": str(bin_dir),
-            "DATASET_DIR": str(self.dataset),
+            "DATASET": pool_envs()["DATASET"],  # as SkyPilot exports the YAML's envs
+            "VIDEO_DIR": str(self.dataset),
+            "KAGGLE_USERNAME": "someone",  # as --secret KAGGLE_USERNAME --secret KAGGLE_KEY give them
+            "KAGGLE_KEY": "0123",
             "TMPDIR": str(tmpdir),
             "STAND_IN_LOG": str(self.log),
             **env,
@@ -315,3 +324,53 @@ def test_setup_gpu_not_seen_by_torch_fails_setup(bench):
     assert status == 2, output
     assert output.rstrip().splitlines()[-1].startswith("error: --device cuda: ")
     assert "driver 535.216.01" in output
+
+
+def test_the_default_dataset_is_the_kaggle_soccer_dataset():
+    assert pool_envs()["DATASET"] == f"kaggle:{DATASET}"
+
+
+def test_another_public_kaggle_dataset_is_named_with_an_env(bench):
+    status, output = bench.run(DATASET="kaggle:someone/other-clips")
+    assert status == 0, output
+    [call] = bench.downloads()
+    assert call.startswith("datasets download someone/other-clips -p ")
+    bench.assert_complete()
+
+
+def test_videos_in_the_bucket_are_read_where_they_are_without_kaggle(bench, tmp_path):
+    """--env DATASET=bucket --env VIDEO_DIR=/outputs/matches: nothing is downloaded or copied."""
+    videos = tmp_path / "bucket" / "matches"
+    (videos / "2024").mkdir(parents=True)
+    (videos / "2024" / "final.mp4").write_bytes(b"v" * 100)
+    status, output = bench.run(DATASET="bucket", VIDEO_DIR=str(videos), KAGGLE_USERNAME="", KAGGLE_KEY="")
+    assert status == 0, output
+    assert f"Videos read where they are, in {videos}" in output
+    assert bench.calls() == [], "kaggle is never called"
+    assert [p.name for p in videos.rglob("*")] == ["2024", "final.mp4"]
+    assert not Path(f"{videos}.complete").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"DATASET": "bucket"}, "DATASET=bucket but VIDEO_DIR="),  # the default VIDEO_DIR, never filled
+        ({"KAGGLE_USERNAME": "", "KAGGLE_KEY": ""}, "needs Kaggle credentials: pass --secret KAGGLE_USERNAME"),
+        ({"KAGGLE_KEY": ""}, "needs Kaggle credentials"),
+        ({"DATASET": "s3://my-bucket/matches"}, "unknown DATASET=s3://my-bucket/matches: use kaggle:"),
+        ({"DATASET": "kaggle:no-owner"}, "unknown DATASET=kaggle:no-owner"),
+    ],
+    ids=["empty-bucket-folder", "no-kaggle-secrets", "no-kaggle-key", "unknown-source", "kaggle-without-owner"],
+)
+def test_bad_dataset_inputs_fail_setup_in_one_line_before_anything_else(bench, env, says):
+    status, output = bench.run(script="setup.sh", **env)
+    assert status == 1, output
+    assert output.strip().splitlines() == [next(line for line in output.splitlines() if line.startswith("error: "))]
+    assert says in output, output
+    assert bench.calls() == [], "nothing installed, nothing downloaded"
+
+
+def test_kaggle_token_alone_is_credentials(bench):
+    status, output = bench.run(KAGGLE_USERNAME="", KAGGLE_KEY="", KAGGLE_API_TOKEN="KGAT_0123")
+    assert status == 0, output
+    assert len(bench.downloads()) == 1

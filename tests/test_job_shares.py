@@ -150,3 +150,16 @@ def test_single_run_max_videos_subset(tmp_path, make_video, run_block):
         "failed": 0,
         "missing": 1,
     }  # of the whole VIDEO_DIR
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["no-such-folder", "folder-without-videos"])
+def test_a_video_dir_without_videos_stops_the_job_in_one_line(tmp_path, run_block, made):
+    videos = tmp_path / "matches"
+    if made:
+        videos.mkdir()
+        (videos / "notes.txt").write_text("not a video")
+    status, output = run_block("sam3-job.yaml", tmp_path / "out", 0, 2, VIDEO_DIR=str(videos))
+    assert status == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(videos) in errors[0], output[-3000:]
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -32,16 +32,31 @@ CASES: dict[str, dict[str, Any]] = {
         "secret": {"HF_TOKEN": TOKEN},
     },
     "single_without_bucket": {"yaml": "sam3-test-single.yaml", "secret": {"HF_TOKEN": TOKEN}},
+    # A user with videos in their own bucket and no Kaggle account, and one with Kaggle secrets.
+    "pool_own_videos": {
+        "yaml": "sam3-pool.yaml",
+        "env": {"OUTPUT_BUCKET_NAME": BUCKET, "DATASET": "bucket", "VIDEO_DIR": "/outputs/matches"},
+        "secret": {"HF_TOKEN": TOKEN},
+    },
+    "single_own_videos": {
+        "yaml": "sam3-test-single.yaml",
+        "env": {"OUTPUT_BUCKET_NAME": BUCKET, "DATASET": "bucket", "VIDEO_DIR": "/outputs/matches"},
+        "secret": {"HF_TOKEN": TOKEN},
+    },
+    "pool_kaggle": {
+        "yaml": "sam3-pool.yaml",
+        "env": {"OUTPUT_BUCKET_NAME": BUCKET},
+        "secret": {"HF_TOKEN": TOKEN, "KAGGLE_USERNAME": "someone", "KAGGLE_KEY": "0123"},
+    },
 }
+NO_KAGGLE = {"KAGGLE_USERNAME": "", "KAGGLE_KEY": ""}  # the YAMLs' defaults: set only for a kaggle: DATASET
 
 
 @pytest.fixture(scope="module")
 def sky_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """HOME for SkyPilot (`import sky` writes ~/.sky), with the Kaggle credentials the YAMLs mount."""
-    home = tmp_path_factory.mktemp("sky-home")
-    (home / ".kaggle").mkdir()
-    (home / ".kaggle" / "kaggle.json").write_text('{"username": "someone", "key": "0123"}')
-    return home
+    """HOME for SkyPilot (`import sky` writes ~/.sky). It has no ~/.kaggle: nothing local is
+    needed beyond the repository (Kaggle credentials come as secrets)."""
+    return tmp_path_factory.mktemp("sky-home")
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +128,44 @@ def test_yaml_bucket_env_required(facts, name):
 @pytest.mark.parametrize("name", ["pool", "job", "single"])
 def test_yaml_secret_resolves(facts, name):
     parsed = ok(facts, name)
-    assert parsed["secrets"] == {"HF_TOKEN": TOKEN}
+    assert parsed["secrets"] == {"HF_TOKEN": TOKEN, **(NO_KAGGLE if name != "job" else {})}
     assert parsed["managed_secret_refs"] == []
     assert "HF_TOKEN" not in parsed["envs"]
 
 
 def test_pool_yaml_secret_without_flag_is_launch_time_reference(facts):
     parsed = ok(facts, "pool_without_secret")
-    assert parsed["secrets"] == {}
+    assert parsed["secrets"] == NO_KAGGLE  # empty defaults, not references that the launch would refuse
     assert parsed["managed_secret_refs"] == ["HF_TOKEN"]  # resolved by `sky` at launch, never in the YAML
 
 
-@pytest.mark.parametrize("name", ["pool", "single"])
-def test_yaml_mounts_kaggle_credentials_and_workdir(facts, sky_home, name):
+@pytest.mark.parametrize("name", ["pool", "single", "pool_own_videos", "single_own_videos", "pool_kaggle"])
+def test_yaml_needs_no_local_file_but_the_workdir(facts, sky_home, name):
+    """`sky jobs pool apply` and `sky launch` check local file mounts on the client
+    (expand_and_validate_file_mounts, run by sky_inspect): none here, with a HOME without ~/.kaggle."""
     parsed = ok(facts, name)
-    assert parsed["file_mounts"] == {"~/.kaggle/kaggle.json": str(sky_home / ".kaggle" / "kaggle.json")}
+    assert parsed["file_mounts"] == {}
     assert parsed["workdir"] == str(REPO)
+    assert parsed.get("pool_validation", "ok") == "ok"
+    assert not (sky_home / ".kaggle").exists()
+
+
+@pytest.mark.parametrize("name", ["pool_own_videos", "single_own_videos"])
+def test_own_videos_with_flags_only(facts, name):
+    parsed = ok(facts, name)
+    assert parsed["envs"]["DATASET"] == "bucket" and parsed["envs"]["VIDEO_DIR"] == "/outputs/matches"
+    assert parsed["storage_mounts"] == {"/outputs": {"source": f"s3://{BUCKET}", "mode": "MOUNT_CACHED"}}
+    assert parsed["secrets"] == {"HF_TOKEN": TOKEN, **NO_KAGGLE}
+
+
+def test_kaggle_credentials_come_as_secrets(facts):
+    parsed = ok(facts, "pool_kaggle")
+    assert parsed["secrets"] == {"HF_TOKEN": TOKEN, "KAGGLE_USERNAME": "someone", "KAGGLE_KEY": "0123"}
+    assert "KAGGLE_KEY" not in parsed["envs"]
+
+
+def test_job_and_pool_read_the_same_videos_by_default(facts):
+    assert ok(facts, "job")["envs"]["VIDEO_DIR"] == ok(facts, "pool")["envs"]["VIDEO_DIR"]
 
 
 def test_single_yaml_setup_same_as_pool(facts):
