@@ -58,6 +58,8 @@ def inspect(case: dict[str, Any]) -> dict[str, Any]:
     if facts["is_pool"]:
         facts["workers"] = task.service.min_replicas
         facts["max_workers"] = task.service.max_replicas
+        for name in ("queue_length_threshold", "upscale_delay_seconds", "downscale_delay_seconds"):
+            facts[name] = getattr(task.service, name)
         try:
             serve_utils.validate_service_task(task, pool=True)
             facts["pool_validation"] = "ok"

@@ -71,11 +71,13 @@ def ok(facts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
     return facts[name]
 
 
-def test_pool_yaml_parses_as_pool_with_three_workers(facts):
+def test_pool_yaml_scales_from_no_worker_to_three_on_its_queue(facts):
+    """No job queued, no worker billed; SkyPilot's queue-length autoscaler adds workers up to 3."""
     pool = ok(facts, "pool")
     assert pool["is_pool"]
-    assert pool["workers"] == 3
-    assert pool["max_workers"] is None  # fixed size
+    assert (pool["workers"], pool["max_workers"]) == (0, 3)  # min_workers, max_workers
+    assert pool["queue_length_threshold"] == 1
+    assert (pool["upscale_delay_seconds"], pool["downscale_delay_seconds"]) == (60, 300)
     assert pool["pool_validation"] == "ok"
     assert pool["run"] is None
 
