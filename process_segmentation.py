@@ -875,7 +875,13 @@ def run(args: argparse.Namespace) -> int:
     if args.num_shards > 1:
         planned = {video: window_count(plan and plan["positions"], args.chunk_frames) for video, plan in plans.items()}
         count = len({unit.video for unit in units})
-        log(f"shard {args.shard_index}/{args.num_shards}: {count} videos: {describe_units(units, planned)}")
+        windows = sum((unit.last if unit.last is not None else planned[unit.video] - 1) - unit.first + 1 for unit in units)
+        frames = sum(unit.weight for unit in units)
+        log(
+            f"shard {args.shard_index}/{args.num_shards}: {count} video{'s' * (count != 1)}, "
+            f"{windows} window{'s' * (windows != 1)}, ~{frames} sampled frames: "
+            f"{describe_units(units, planned)}"
+        )
     if not units:
         log("nothing to do: " + ("this shard has no videos" if args.num_shards > 1 else "every video is complete"))
         if args.num_shards > 1 and args.bucket_lag > 0 and todo:  # its summary must not miss the others' work
@@ -912,6 +918,7 @@ def run(args: argparse.Namespace) -> int:
     complete: list[Video] = []
     waiting: list[Video] = []
     numbered = {unit: number for number, unit in enumerate(pending, start=1)}
+    before = {video: set(records) for video, records in done.items()}
     for video, group in itertools.groupby(units, key=lambda unit: unit.video):
         if video not in done:
             continue
@@ -931,6 +938,12 @@ def run(args: argparse.Namespace) -> int:
         assembled, waiting, late_failures = wait_for_other_shares(waiting, todo, paths_of, args)
         complete += assembled
         failures += late_failures
+    computed = [record for video, records in done.items() for window, record in records.items() if window not in before[video]]
+    if computed:
+        frames, seconds = sum(record["frames"] for record in computed), sum(record["seconds"] for record in computed)
+        per_frame = f": {seconds / frames:.2f} s per sampled frame" if frames else ""
+        count = len(computed)
+        log(f"computed {count} window{'s' * (count != 1)}, {frames} sampled frames in {seconds:.1f} s on {device}{per_frame}")
     counts = f"{len(complete)} of {len(mine)} videos complete, {len(failures)} failed"
     log(counts + (f", {len(waiting)} waiting for windows of other shares" if waiting else ""))
     for message in failures:

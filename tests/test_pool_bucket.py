@@ -91,6 +91,10 @@ def test_jobs_that_end_together_leave_a_split_video_whole_and_every_report_true(
     for rank, (status, output) in enumerate(results):
         assert status == 0, f"rank {rank}:\n{output[-3000:]}"
     assert sorted(computed_windows(logs)) == ["b/0", "c/0", "long/0", "long/1", "long/2"], logs[-4000:]
+    for rank, (_, output) in enumerate(results):  # each log opens with its share and closes with what it did
+        assert re.search(rf"^shard {rank}/3: \d videos?, \d windows?, ~5 sampled frames: ", output, re.MULTILINE), output
+        assert re.search(r"^computed \d windows?, 5 sampled frames in [\d.]+ s on cpu: [\d.]+ s per sampled frame$",
+                         output, re.MULTILINE), output  # fmt: skip
     assert_bucket_whole_and_reported(bucket.bucket, ["b", "c", "long"])
     metadata = json.loads((bucket.bucket / "long" / "long_metadata.json").read_text())
     assert sorted(window["computed_by"]["shard"] for window in metadata["windows"]) == [0, 1, 2]
