@@ -23,7 +23,9 @@ Usage:
 
 Frames stream through: a decode thread, SAM3 in the main thread and the outputs in a forked process
 work side by side, a few frames apart (--serial: one after another). The model is loaded once per run.
-Exit status: 0 when every video is complete, 1 when any video failed, 2 on a usage error.
+With --num-shards > 1 a job waits --bucket-lag seconds at its end for other jobs' last windows
+(docs/pool-bucket.md). Exit status: 0 when every video is complete, 1 when any video failed (or a
+video could not be read to plan the shares), 2 on a usage error.
 """
 
 from __future__ import annotations
