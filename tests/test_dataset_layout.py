@@ -127,7 +127,7 @@ def test_nested_dataset_as_three_jobs_of_the_run_block(tmp_path, make_video, run
     shares = []
     for rank, output in enumerate(outputs):
         [line] = [line for line in output.splitlines() if line.startswith(f"shard {rank}/3: ")]
-        shares.append(sorted(filter(None, re.sub(r"^shard \d/3: \d+ videos: ?", "", line).split(", "))))
+        shares.append(sorted(filter(None, re.sub(r"^shard \d/3: \d+ videos?, \d+ windows?, ~\d+ sampled frames: ?", "", line).split(", "))))
     assert sorted(sum(shares, [])) == sorted(NESTED), f"every key in exactly one share: {shares}"
     assert result_files(out) == expected_files(NESTED)
     check_metadata(out, dataset, NESTED)
