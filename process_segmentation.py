@@ -106,7 +106,6 @@ from sam3_pipeline.windows import (
     complete_run,
     computed_by,
     done_windows,
-    drop_windows,
     plan_units,
     unit_done,
     window_count,
@@ -709,13 +708,17 @@ class Triage:
     plans: dict[Video, dict[str, Any] | None]
 
 
-def usable(metadata: dict[str, Any], video: Video, folder: Path, bucket_lag: float) -> bool:
+def usable(
+    metadata: dict[str, Any], video: Video, folder: Path, bucket_lag: float, problems: list[str] | None = None
+) -> bool:
     """Whether a video's metadata stands for its results: complete, made from this file, and its
     files whole here, or still arriving (written less than `bucket_lag` ago: another worker's
-    upload, seen late, not a loss)."""
+    upload, seen late, not a loss). problems: its `output_problems`, where already known."""
     if metadata.get("status") != "complete" or source_change(metadata, video):
         return False
-    return not output_problems(folder, metadata) or written_within(metadata, bucket_lag)
+    if problems is None:
+        problems = output_problems(folder, metadata)
+    return not problems or written_within(metadata, bucket_lag)
 
 
 def triage(videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace) -> Triage:
@@ -729,16 +732,17 @@ def triage(videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args
         paths = paths_of[video]
         metadata = read_record(paths["metadata"])
         found.seen[video] = metadata
-        if not args.overwrite and usable(metadata, video, paths["folder"], args.bucket_lag):
-            if problems := output_problems(paths["folder"], metadata):
+        complete = metadata.get("status") == "complete"
+        problems = output_problems(paths["folder"], metadata) if complete else []
+        if not args.overwrite and usable(metadata, video, paths["folder"], args.bucket_lag, problems):
+            if problems:
                 log(f"note: {video.path}: complete at {metadata['completed_at']}, {problems[0]} here yet: still arriving")
             found.plans[video] = metadata.get("plan")
             continue
-        if metadata.get("status") == "complete":
+        if complete:
             if change := source_change(metadata, video):
                 log(f"redo {video.path}: the results in {paths['folder']} were {change}")
             elif not args.overwrite:
-                problems = output_problems(paths["folder"], metadata)
                 log(f"redo {video.path}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
             if args.overwrite or change:
                 found.outdated.add(video)
@@ -795,8 +799,8 @@ def assemble_if_ready(
     video: Video, paths: dict[str, Path], args: argparse.Namespace, planned: int, announce: bool
 ) -> dict[str, Any] | None:
     """Assemble a video whose windows are all there and return its metadata; None while windows
-    of other shares are still to come (said in the log when `announce`). Windows whose files are
-    not as recorded are dropped, so that they count as not done, and BrokenWindows raised."""
+    of other shares are still to come (said in the log when `announce`). BrokenWindows for
+    windows whose files are not as recorded (`assembly.assemble` has dropped them)."""
     records = done_windows(paths["folder"], recipe(video, args))
     windows = complete_run(records)
     if windows is None:
@@ -807,7 +811,6 @@ def assemble_if_ready(
     try:
         return finish_video(video, paths, windows)
     except BrokenWindows as error:
-        drop_windows(paths["folder"], error.problems)
         log(f"warning: {video.path}: {error}")
         raise
 

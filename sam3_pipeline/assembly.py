@@ -31,7 +31,7 @@ from sam3_pipeline.outputs import (
 from sam3_pipeline.overlay import color_hex, object_color, preview_jpeg, preview_picks
 from sam3_pipeline.sam3 import Detections, match_objects
 from sam3_pipeline.video_io import join_mp4, read_frames
-from sam3_pipeline.windows import BrokenWindows, content_problems, window_file
+from sam3_pipeline.windows import BrokenWindows, content_problems, drop_windows, window_file
 
 
 def video_ids(windows: Sequence[dict[str, Any]]) -> list[dict[int, int]]:
@@ -157,12 +157,15 @@ def preview_frames(windows: Sequence[dict[str, Any]], folder: Path) -> list[tupl
 
 def assemble(paths: dict[str, Path], windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Join a video's windows (0 up to the one that ends it, all computed alike) into its output
-    files, published whole; returns its metadata, which the caller writes last."""
+    files, published whole; returns its metadata, which the caller writes last. Raises
+    BrokenWindows, after dropping their records, for windows whose files are not as recorded."""
     started = time.monotonic()
     folder = paths["folder"]
-    # Sizes were checked when the windows were listed; their bytes are read here anyway.
+    # Sizes were checked when the windows were listed; their bytes are read here anyway. Broken
+    # ones are dropped at once, so that every process counts them as not done from now on.
     broken = {record["window"]: problems for record in windows if (problems := content_problems(folder, record))}
     if broken:
+        drop_windows(folder, broken)
         raise BrokenWindows(broken)
     facts = windows[0]["video"]
     products = ["video", "preview", *(["tracks", "mot"] if windows[0]["recipe"]["tracks"] else [])]

@@ -22,7 +22,7 @@ from sam3_pipeline.outputs import (
     write_text_atomically,
 )
 from sam3_pipeline.page import PAGE_NAME, results_page
-from sam3_pipeline.windows import WINDOWS_FOLDER, BrokenWindows, complete_run, done_windows, drop_windows
+from sam3_pipeline.windows import WINDOWS_FOLDER, BrokenWindows, complete_run, done_windows
 
 
 def result_keys(output_dir: Path) -> set[str]:
@@ -68,8 +68,7 @@ def assemble_ready(output_dir: Path, keys: Sequence[str]) -> None:
             if windows is None or not same_source(windows[0]):
                 continue
             assemble_and_record(paths, windows)
-        except BrokenWindows as error:
-            drop_windows(paths["folder"], error.problems)
+        except BrokenWindows as error:  # dropped by now: the next run computes them
             log(f"cannot assemble {key}: {error}")
             continue
         except Exception as error:  # one video's trouble never costs the others their summary
