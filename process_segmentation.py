@@ -10,6 +10,8 @@ video this writes, under OUTPUT_DIR/<key>/, with <name> the key's last part ("en
   <name>_metadata.json   what was processed and found; written last, so its presence means "complete"
   <name>_error.json      only when the video failed: one line saying why
   windows/               each window's results, kept as it is done; the files above are assembled from them
+and OUTPUT_DIR/.jobs/ holds the launch's plan and each job's account, rewritten after each window
+(`python3 -m sam3_pipeline.progress OUTPUT_DIR` shows how far the jobs have got).
 
 A window is up to --chunk-frames sampled frames tracked by one SAM3 session; it is the unit of
 work. A rerun computes only the windows a killed run had not finished, and --shard-index /
@@ -34,6 +36,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -41,7 +44,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ import av
 from tqdm import tqdm
 
 from sam3_pipeline.assembly import assemble_and_record
-from sam3_pipeline.dataset import Unit, Video, collect_videos, select_units
+from sam3_pipeline.dataset import Unit, Video, assign_units, collect_videos
 from sam3_pipeline.device import (
     DTYPES,
     choose_device,
@@ -59,21 +62,20 @@ from sam3_pipeline.device import (
     dtype_name,
     leave_a_core_free,
 )
+from sam3_pipeline.files import now_iso, read_record, write_json
 from sam3_pipeline.messages import UsageError, VideoError, log, one_line, redact
 from sam3_pipeline.outputs import (
     check_output_dir,
     completed_metadata,
-    now_iso,
     output_paths,
     output_problems,
-    read_record,
     remove_dead_scratch,
     remove_stale_partials,
     scratch_dir,
     source_change,
-    write_json,
     written_within,
 )
+from sam3_pipeline.progress import ENDED, JOBS_FOLDER, WAITING, JobLog, launch_plan
 from sam3_pipeline.sam3 import (
     DEFAULT_CHUNK_FRAMES,
     ModelFrame,
@@ -107,9 +109,9 @@ from sam3_pipeline.windows import (
     computed_by,
     done_windows,
     plan_units,
+    planned_frames,
     unit_done,
     window_count,
-    window_positions,
 )
 
 DEFAULT_MODEL = "facebook/sam3"
@@ -406,9 +408,12 @@ def unit_items(
 
 def recipe(video: Video, args: argparse.Namespace) -> dict[str, Any]:
     """What a window's results depend on: windows computed otherwise are not reused."""
+    return {"source_name": video.path.name, "source_bytes": video.size, **settings(args)}
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every window of a run is computed with, whatever its video."""
     return {
-        "source_name": video.path.name,
-        "source_bytes": video.size,
         "prompts": list(args.prompts),
         "sample_fps": str(args.sample_fps),
         "max_frames": args.max_frames,
@@ -455,16 +460,11 @@ def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
 def units_of(video: Video, plan: dict[str, Any] | None, args: argparse.Namespace) -> list[Unit]:
     """A video's units of work (`windows.plan_units`), each weighed by the sampled frames it is
     expected to hold. Without a plan, one unit."""
-    chunk = args.chunk_frames
     if plan is None:
-        return [Unit(video, 0, None, chunk)]
-    positions = plan["positions"]
-    units = []
-    for first, last in plan_units(window_count(positions, chunk), plan["seekable"]):
-        start = window_positions(first, chunk)[0]
-        end = window_positions(last, chunk)[1] + 1 if last is not None else positions or chunk
-        units.append(Unit(video, first, last, max(end - start, 1)))
-    return units
+        return [Unit(video, 0, None, args.chunk_frames)]
+    frames = planned_frames(plan["positions"], args.chunk_frames)
+    units = plan_units(len(frames), plan["seekable"])
+    return [Unit(video, first, last, sum(frames[first : None if last is None else last + 1])) for first, last in units]
 
 
 def unit_facts(
@@ -522,10 +522,13 @@ def process_unit(
     args: argparse.Namespace,
     plan: dict[str, Any] | None,
     skip: Container[int],
+    on_window: Callable[[int, int, float], None],
 ) -> list[dict[str, Any]]:
     """Compute a unit's windows (those not in `skip`): decode -> SAM3 -> masks, overlay, H.264 and
     tracks, frame by frame, the stages side by side (unless --serial). Each window's results are
-    in place as soon as it is done; returns their records."""
+    in place as soon as it is done; returns their records. on_window(window, sampled frames,
+    seconds): called as SAM3 finishes each window, with the time since the one before (or since
+    the unit began)."""
     started = time.monotonic()
     source = unit.video.path
     chunk = args.chunk_frames
@@ -564,10 +567,19 @@ def process_unit(
             )
 
             def counted(outputs: Iterator[ModelFrame]) -> Iterator[ModelFrame]:
+                window, frames, mark = None, 0, started
                 for output in outputs:
+                    if output.window != window:
+                        if window is not None:
+                            on_window(window, frames, time.monotonic() - mark)
+                            mark = time.monotonic()
+                        window, frames = output.window, 0
                     if not output.shared:  # a frame two windows share is one frame of the video
                         progress.update()
+                        frames += 1
                     yield output
+                if window is not None:
+                    on_window(window, frames, time.monotonic() - mark)
 
             samples = itertools.chain([first], frames)
             finish = (paths["folder"], size, fps_out, args.tracks, unit.first, skip, facts, started)
@@ -764,11 +776,14 @@ def compute_video(
     plan: dict[str, Any] | None,
     done: dict[int, dict[str, Any]],
     numbered: dict[Unit, int],
+    job: JobLog,
 ) -> dict[str, Any] | None:
     """This job's units of one video, those not `done` before (`numbered`: their place in the
     job's work), then the video's assembly if every window is there. Returns its metadata, or
-    None while windows of other shares are still to come."""
+    None while windows of other shares are still to come. Each window computed goes into the
+    job's account."""
     video = units[0].video
+    on_window = functools.partial(job.computed, video.key)
     planned = window_count(plan and plan["positions"], args.chunk_frames)
     for unit in units:
         whole = unit.last is None and unit.first < planned - 1  # a video read from the start
@@ -777,7 +792,7 @@ def compute_video(
             log(f"skip {video.path} {span}: computed before")
             continue
         log(f"{numbered[unit]}/{len(numbered)} - {video.path}" + (f" {span} of {planned}" if planned > 1 else ""))
-        for record in process_unit(unit, paths, segmenter, args, plan, skip=done):
+        for record in process_unit(unit, paths, segmenter, args, plan, done, on_window):
             done[record["window"]] = record
     try:
         return assemble_if_ready(video, paths, args, planned, announce=True)
@@ -790,7 +805,7 @@ def compute_video(
     for unit in units_of(video, plan, args):
         if any(unit.first <= window and (unit.last is None or window <= unit.last) for window in broken):
             log(f"again {video.path} window {unit.first}: its files were not as recorded")
-            for record in process_unit(unit, paths, segmenter, args, plan, skip=done):
+            for record in process_unit(unit, paths, segmenter, args, plan, done, on_window):
                 done[record["window"]] = record
     return assemble_if_ready(video, paths, args, planned, announce=True)
 
@@ -816,18 +831,21 @@ def assemble_if_ready(
 
 
 def wait_for_other_shares(
-    waiting: Sequence[Video], todo: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace
-) -> tuple[list[Video], list[Video], list[str]]:
+    waiting: Sequence[Video],
+    todo: Sequence[Video],
+    paths_of: dict[Video, dict[str, Path]],
+    args: argparse.Namespace,
+    fail: Callable[[Video, BaseException], None],
+) -> tuple[list[Video], list[Video]]:
     """At the end of a job's share (--num-shards > 1): wait --bucket-lag seconds, as long as the
     bucket may take to show this worker what other jobs wrote before this one ended, and assemble
     the `waiting` videos whose last windows that brings. Whichever job of a launch ends last has
     then seen every other job's windows, so its assembly and the summary after it leave no video
     unassembled and say so, however close together the jobs ended. The wait ends early when every
     video of `todo` (those that were not complete) is complete here: nothing more can come.
-    Returns the videos complete, those still waiting, and the failures."""
+    Returns the videos complete and those still waiting; `fail` records each that failed."""
     started = time.monotonic()
     assembled: list[Video] = []
-    failures: list[str] = []
     left = list(waiting)
     unfinished = collections.deque(todo)  # checked in order, each until it is complete: a poll stops at the first that is not
     log(f"wait up to {args.bucket_lag:g} s for windows of other jobs (the bucket shows them late): {len(left)} videos")
@@ -843,8 +861,7 @@ def wait_for_other_shares(
                     assembled.append(video)
             except Exception as error:  # one video's trouble never stops the others
                 left.remove(video)
-                failures.append(record_failure(video, paths, error))
-                log(f"FAILED {failures[-1]}")
+                fail(video, error)
         while unfinished and completed_metadata(paths_of[unfinished[0]]):
             unfinished.popleft()
         remaining = started + args.bucket_lag - time.monotonic()
@@ -853,7 +870,26 @@ def wait_for_other_shares(
         time.sleep(min(POLL_SECONDS, remaining))
     still = f", {len(left)} still waiting for jobs that are running" if left else ""
     log(f"waited {time.monotonic() - started:.1f} s (GPU idle): {len(assembled)} videos complete{still}")
-    return assembled, left, failures
+    return assembled, left
+
+
+def planned_windows(
+    units: Sequence[Unit], shards: Sequence[int], plans: dict[Video, dict[str, Any] | None], chunk_frames: int
+) -> dict[str, list[tuple[int, int]]]:
+    """Per video key, each window's planned sampled frames and the shard that computes it (`shards`:
+    each unit's, as `assign_units` gives them), in window order."""
+    windows: dict[str, list[tuple[int, int]]] = {}
+    for unit, shard in zip(units, shards, strict=True):
+        plan = plans[unit.video]
+        frames = planned_frames(plan and plan["positions"], chunk_frames)
+        last = len(frames) - 1 if unit.last is None else unit.last
+        windows.setdefault(unit.video.key, []).extend((frames[window], shard) for window in range(unit.first, last + 1))
+    return windows
+
+
+def unit_windows(unit: Unit, planned: int) -> range:
+    """The windows of a unit, of a video planned as `planned` windows."""
+    return range(unit.first, planned if unit.last is None else unit.last + 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -872,88 +908,127 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     todo, plans = found.todo, found.plans
-    units = [unit for video in videos for unit in units_of(video, plans[video], args)]
-    units = select_units(units, args.shard_index, args.num_shards)
-    for video in dict.fromkeys(unit.video for unit in units if unit.video not in todo):  # this job's share only
+    every_unit = [unit for video in videos for unit in units_of(video, plans[video], args)]
+    shards = assign_units(every_unit, args.num_shards)
+    share = [unit for unit, shard in zip(every_unit, shards, strict=True) if shard == args.shard_index]
+    planned = {video: window_count(plan and plan["positions"], args.chunk_frames) for video, plan in plans.items()}
+    for video in dict.fromkeys(unit.video for unit in share if unit.video not in todo):  # this job's share only
         log(f"skip {video.path}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
-    units = [unit for unit in units if unit.video in todo]
+    units = [unit for unit in share if unit.video in todo]
     if args.num_shards > 1:
-        planned = {video: window_count(plan and plan["positions"], args.chunk_frames) for video, plan in plans.items()}
         count = len({unit.video for unit in units})
-        windows = sum((unit.last if unit.last is not None else planned[unit.video] - 1) - unit.first + 1 for unit in units)
+        windows = sum(len(unit_windows(unit, planned[unit.video])) for unit in units)
         frames = sum(unit.weight for unit in units)
         log(
             f"shard {args.shard_index}/{args.num_shards}: {count} video{'s' * (count != 1)}, "
             f"{windows} window{'s' * (windows != 1)}, ~{frames} sampled frames: "
             f"{describe_units(units, planned)}"
         )
-    if not units:
-        log("nothing to do: " + ("this shard has no videos" if args.num_shards > 1 else "every video is complete"))
-        if args.num_shards > 1 and args.bucket_lag > 0 and todo:  # its summary must not miss the others' work
-            wait_for_other_shares([], todo, paths_of, args)
-        return EXIT_OK
     check_output_dir(args.output_dir)
-    mine = list(dict.fromkeys(unit.video for unit in units))
-    folders = [args.output_dir, *(paths_of[video]["folder"] for video in mine)]
-    folders += [folder / WINDOWS_FOLDER for folder in folders[1:]]
-    leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
-    if leftovers:
-        log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
+    complete_before = [video.key for video in videos if video not in todo]
+    windows_planned = planned_windows(every_unit, shards, plans, args.chunk_frames)
+    launch = {**settings(args), "overwrite": args.overwrite}  # a redo on purpose is another plan
+    plan = launch_plan(windows_planned, complete_before, args.num_shards, launch)
+    job = JobLog(args.output_dir, plan, args.shard_index, str(device), log)
+    for unit in share:
+        if unit.video not in todo:
+            job.done_before(unit.video.key, unit_windows(unit, planned[unit.video]))
+    with job:  # an error that ends the run ends the job's account too
+        if not units:
+            log("nothing to do: " + ("this shard has no videos" if args.num_shards > 1 else "every video is complete"))
+            if args.num_shards > 1 and args.bucket_lag > 0 and todo:  # its summary must not miss the others' work
+                job.state(WAITING)
+                wait_for_other_shares([], todo, paths_of, args, lambda video, error: None)
+            job.state(ENDED, EXIT_OK)
+            return EXIT_OK
+        mine = list(dict.fromkeys(unit.video for unit in units))
+        folders = [args.output_dir, *(paths_of[video]["folder"] for video in mine)]
+        folders += [folder / WINDOWS_FOLDER for folder in folders[1:]] + [args.output_dir / JOBS_FOLDER]
+        leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
+        if leftovers:
+            log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
 
-    failures: list[str] = []
-    done: dict[Video, dict[int, dict[str, Any]]] = {}
-    for video in mine:
-        paths = paths_of[video]
-        if video.size is None:  # fail it before the slow model load
-            with contextlib.suppress(OSError):  # it fails either way; the error record says why
-                start_redo(paths)
-            failures.append(record_failure(video, paths, VideoError(f"{video.path}: no such file")))
+        failures: list[str] = []
+
+        def fail(video: Video, error: BaseException) -> None:
+            """Record a video's failure (its error record, the log, the job's account): it fails alone."""
+            failures.append(record_failure(video, paths_of[video], error))
             log(f"FAILED {failures[-1]}")
-            continue
-        done[video] = {} if args.overwrite else done_windows(paths["folder"], recipe(video, args))
-    pending = [unit for unit in units if unit.video in done and not unit_done(done[unit.video], unit.first, unit.last)]
-    segmenter = None
-    if pending:
-        leave_a_core_free(device)
-        segmenter = load_segmenter(args.model, device, dtype)
-        check_prompts(segmenter.processor, args.prompts)
-        log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
-        log(describe_device(device, dtype))
+            job.failed(video.key, failures[-1])
 
-    complete: list[Video] = []
-    waiting: list[Video] = []
-    numbered = {unit: number for number, unit in enumerate(pending, start=1)}
-    before = {video: set(records) for video, records in done.items()}
-    for video, group in itertools.groupby(units, key=lambda unit: unit.video):
-        if video not in done:
-            continue
-        paths = paths_of[video]
-        try:
-            metadata = finished_meanwhile(video, paths, found.seen[video], video in found.outdated, args.bucket_lag)
+        done: dict[Video, dict[int, dict[str, Any]]] = {}
+        for video in mine:
+            paths = paths_of[video]
+            if video.size is None:  # fail it before the slow model load
+                with contextlib.suppress(OSError):  # it fails either way; the error record says why
+                    start_redo(paths)
+                fail(video, VideoError(f"{video.path}: no such file"))
+                continue
+            done[video] = {} if args.overwrite else done_windows(paths["folder"], recipe(video, args))
+        for unit in units:
+            if unit.video in done:
+                job.done_before(unit.video.key, set(unit_windows(unit, planned[unit.video])) & done[unit.video].keys())
+        job.save()
+        pending = [
+            unit for unit in units if unit.video in done and not unit_done(done[unit.video], unit.first, unit.last)
+        ]
+        segmenter = None
+        if pending:
+            leave_a_core_free(device)
+            segmenter = load_segmenter(args.model, device, dtype)
+            check_prompts(segmenter.processor, args.prompts)
+            log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
+            log(describe_device(device, dtype))
+
+        complete: list[Video] = []
+        waiting: list[Video] = []
+        numbered = {unit: number for number, unit in enumerate(pending, start=1)}
+        before = {video: set(records) for video, records in done.items()}
+        for video, group in itertools.groupby(units, key=lambda unit: unit.video):
+            if video not in done:
+                continue
+            paths = paths_of[video]
+            try:
+                metadata = finished_meanwhile(video, paths, found.seen[video], video in found.outdated, args.bucket_lag)
+                if metadata is not None:
+                    log(f"skip {video.path}: completed by another job since this one started")
+                else:
+                    metadata = compute_video(
+                        list(group), paths, segmenter, args, plans[video], done[video], numbered, job
+                    )
+            except Exception as error:  # one bad video (or one failed write) never stops the others
+                fail(video, error)
+                continue
             if metadata is not None:
-                log(f"skip {video.path}: completed by another job since this one started")
+                complete.append(video)
+                job.completed(video.key)
             else:
-                metadata = compute_video(list(group), paths, segmenter, args, plans[video], done[video], numbered)
-        except Exception as error:  # one bad video (or one failed write) never stops the others
-            failures.append(record_failure(video, paths, error))
-            log(f"FAILED {failures[-1]}")
-            continue
-        (complete if metadata is not None else waiting).append(video)
-    if args.num_shards > 1 and args.bucket_lag > 0:
-        assembled, waiting, late_failures = wait_for_other_shares(waiting, todo, paths_of, args)
-        complete += assembled
-        failures += late_failures
-    computed = [record for video, records in done.items() for window, record in records.items() if window not in before[video]]
-    if computed:
-        frames, seconds = sum(record["frames"] for record in computed), sum(record["seconds"] for record in computed)
-        per_frame = f": {seconds / frames:.2f} s per sampled frame" if frames else ""
-        count = len(computed)
-        log(f"computed {count} window{'s' * (count != 1)}, {frames} sampled frames in {seconds:.1f} s on {device}{per_frame}")
-    counts = f"{len(complete)} of {len(mine)} videos complete, {len(failures)} failed"
-    log(counts + (f", {len(waiting)} waiting for windows of other shares" if waiting else ""))
-    for message in failures:
-        log(f"  failed: {message}")
-    return EXIT_FAILED if failures else EXIT_OK
+                waiting.append(video)
+        if args.num_shards > 1 and args.bucket_lag > 0:
+            job.state(WAITING)
+            assembled, waiting = wait_for_other_shares(waiting, todo, paths_of, args, fail)
+            complete += assembled
+            for video in assembled:
+                job.completed(video.key)
+        computed = [
+            record for video, records in done.items() for window, record in records.items() if window not in before[video]
+        ]
+        if computed:
+            frames = sum(record["frames"] for record in computed)
+            seconds = sum(record["seconds"] for record in computed)
+            per_frame = f": {seconds / frames:.2f} s per sampled frame" if frames else ""
+            count = len(computed)
+            log(
+                f"computed {count} window{'s' * (count != 1)}, {frames} sampled frames in {seconds:.1f} s "
+                f"on {device}{per_frame}"
+            )
+        counts = f"{len(complete)} of {len(mine)} videos complete, {len(failures)} failed"
+        log(counts + (f", {len(waiting)} waiting for windows of other shares" if waiting else ""))
+        for message in failures:
+            log(f"  failed: {message}")
+        status = EXIT_FAILED if failures else EXIT_OK
+        job.state(ENDED, status)
+        return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,13 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from sam3_pipeline.outputs import (
-    detections_from_records,
-    now_iso,
-    publish_all,
-    scratch_dir,
-    write_json,
-)
+from sam3_pipeline.files import now_iso, write_json
+from sam3_pipeline.outputs import detections_from_records, publish_all, scratch_dir
 from sam3_pipeline.overlay import color_hex, object_color, preview_jpeg, preview_picks
 from sam3_pipeline.sam3 import Detections, match_objects
 from sam3_pipeline.video_io import join_mp4, read_frames

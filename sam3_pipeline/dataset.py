@@ -113,21 +113,23 @@ class Unit:
     weight: int  # the sampled frames it is expected to hold: what shares are balanced by
 
 
-def select_units(units: Sequence[Unit], shard_index: int, num_shards: int) -> list[Unit]:
-    """This shard's units, in their order: heaviest first to the least-loaded shard.
+def assign_units(units: Sequence[Unit], num_shards: int) -> list[int]:
+    """The shard of each unit, in their order: heaviest first to the least-loaded shard.
 
     Every job plans the same units from the same files (their listing and their containers'
     durations), so the split is deterministic (ties go by key, then window): a recovered job with
     the same index takes the same units, every unit lands in exactly one shard, and no shard
     exceeds the ideal load by more than one unit (one window, or one short video).
     """
-    if num_shards == 1:
-        return list(units)
     loads = [0] * num_shards
-    mine: set[tuple[str, int]] = set()
-    for unit in sorted(units, key=lambda unit: (-unit.weight, unit.video.key, unit.first)):
-        shard = min(range(num_shards), key=lambda index: (loads[index], index))
-        loads[shard] += unit.weight
-        if shard == shard_index:
-            mine.add((unit.video.key, unit.first))
-    return [unit for unit in units if (unit.video.key, unit.first) in mine]
+    shards = [0] * len(units)
+
+    def heaviest_first(index: int) -> tuple[int, str, int]:
+        return -units[index].weight, units[index].video.key, units[index].first
+
+    for index in sorted(range(len(units)), key=heaviest_first):
+        shard = min(range(num_shards), key=lambda candidate: (loads[candidate], candidate))
+        loads[shard] += units[index].weight
+        shards[index] = shard
+    return shards
+

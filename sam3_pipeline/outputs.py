@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from sam3_pipeline.files import partial_path, read_record
 from sam3_pipeline.messages import UsageError, one_line
 from sam3_pipeline.sam3 import Detections
 from sam3_pipeline.video_io import SampledFrame
@@ -61,10 +62,6 @@ def update_tracks(
         track.max_score = max(track.max_score, float(score))
         track.score_sum += float(score)
 
-
-def partial_path(path: Path) -> Path:
-    """A hidden temporary name beside `path`, unique to this writer (pid and a random suffix)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.partial")
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory[str]:
@@ -145,22 +142,6 @@ def publish_all(local: dict[str, Path], destinations: dict[str, Path]) -> dict[s
     return records
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace `path` whole, even while other processes or threads write it too.
-
-    Each writer uses its own temporary file in the same folder (`partial_path`), then renames it
-    over `path`: readers see one complete version, the last rename wins.
-    """
-    partial = partial_path(path)
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def coco_rle(box: np.ndarray, crop: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
@@ -283,14 +264,6 @@ def output_paths(output_dir: Path, key: str) -> dict[str, Path]:
     }
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A JSON object this script wrote, or {} when it is absent or unreadable."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
 
 def file_record(path: Path) -> dict[str, Any]:
     """An output as the metadata lists it: its name, size and SHA-256 (to check a copy with)."""
@@ -377,7 +350,3 @@ def check_output_dir(output_dir: Path) -> None:
             pass
     except OSError as error:
         raise UsageError(f"{output_dir}: output folder is not writable: {one_line(error)}") from None
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -12,15 +12,9 @@ from typing import Any
 
 from sam3_pipeline.assembly import assemble_and_record
 from sam3_pipeline.dataset import collect_videos, is_hidden
+from sam3_pipeline.files import now_iso, read_record, write_json, write_text_atomically
 from sam3_pipeline.messages import UsageError, log, one_line
-from sam3_pipeline.outputs import (
-    completed_metadata,
-    now_iso,
-    output_paths,
-    read_record,
-    write_json,
-    write_text_atomically,
-)
+from sam3_pipeline.outputs import completed_metadata, output_paths
 from sam3_pipeline.page import PAGE_NAME, results_page
 from sam3_pipeline.windows import WINDOWS_FOLDER, BrokenWindows, complete_run, done_windows
 

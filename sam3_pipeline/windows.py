@@ -33,18 +33,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from sam3_pipeline.files import now_iso, read_record, write_json
 from sam3_pipeline.messages import VideoError
 from sam3_pipeline.outputs import (
     ObjectTrack,
     TrackWriter,
     file_record,
     listed_file_problems,
-    now_iso,
     object_records,
     publish,
-    read_record,
     update_tracks,
-    write_json,
 )
 from sam3_pipeline.overlay import draw_overlay
 from sam3_pipeline.sam3 import Detections, shared_position
@@ -114,6 +112,15 @@ def window_positions(window: int, chunk_frames: int) -> tuple[int, int]:
     if window == 0:
         return 0, chunk_frames - 1
     return shared_position(window, chunk_frames) + 1, shared_position(window + 1, chunk_frames)
+
+
+def planned_frames(expected_positions: int | None, chunk_frames: int) -> list[int]:
+    """The sampled frames each planned window (`window_count`) is expected to hold, in order:
+    chunk_frames for window 0, chunk_frames-1 for each later one (its frame shared with the
+    window before is not its own), the rest for the last. Unknown length: one window of chunk_frames."""
+    last = expected_positions or chunk_frames
+    spans = [window_positions(window, chunk_frames) for window in range(window_count(expected_positions, chunk_frames))]
+    return [end - start + 1 for start, end in spans[:-1]] + [max(last - spans[-1][0], 1)]
 
 
 def plan_units(windows: int, seekable: bool) -> list[tuple[int, int | None]]:

@@ -58,3 +58,17 @@ def test_benchmark_full_size_smoke_runs_one_frame_of_the_full_size_model(tmp_pat
     # SAM3 stores each frame at 1008x1008, float32: the full-size input, not the tiny model's
     assert report["summary"]["session per stored frame"] == pytest.approx(3 * 1008 * 1008 * 4 / 1e6, abs=0.1)
     assert "| 20 (20) | 1 | 100 |" in completed.stdout
+
+
+def test_progress_benchmark_builds_a_launch_and_times_the_command(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "progress_bench.py"), "--windows", "200", "--jobs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.splitlines()[-1])
+    assert result["windows"] == 200 and result["files"] == 1 + 3  # the plan and one account per job
+    assert result["command_s_best_of_5"] > 0
+    assert "windows         99 / 200 (50%)" in completed.stdout

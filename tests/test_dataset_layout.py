@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import process_segmentation as ps
-from sam3_pipeline.dataset import collect_videos, select_units
+from sam3_pipeline.dataset import assign_units, collect_videos
 from test_job_shares import snapshot
 from test_summary import FAILED, complete, lay_out, read_summary, run_cli
 
@@ -40,12 +40,15 @@ def segment(inputs: list[Path], output_dir: Path, model_dir: Path, *extra: str) 
 
 
 def result_files(output_dir: Path) -> list[str]:
-    """Every file below `output_dir` as a relative path; the summary and the results page, and the
-    windows each video was assembled from (test_windows.py covers those), left out."""
+    """Every file below `output_dir` as a relative path; the summary and the results page, the
+    windows each video was assembled from (test_windows.py covers those) and the jobs' accounts
+    (test_progress.py), left out."""
     return sorted(
         p.relative_to(output_dir).as_posix()
         for p in output_dir.rglob("*")
-        if p.is_file() and p.name not in ("summary.json", "summary.csv", "index.html") and p.parent.name != "windows"
+        if p.is_file()
+        and p.name not in ("summary.json", "summary.csv", "index.html")
+        and p.parent.name not in ("windows", ".jobs")
     )
 
 
@@ -312,7 +315,8 @@ def test_shares_do_not_change_when_a_duration_probe_fails_once(tmp_path, make_vi
     def shares() -> list[list[tuple[str, int]]]:
         found = collect_videos([videos], tmp_path / "out")
         units = [unit for video in found for unit in ps.units_of(video, ps.plan_video(video, args), args)]
-        return [[(unit.video.key, unit.first) for unit in select_units(units, rank, 3)] for rank in range(3)]
+        shards = assign_units(units, 3)
+        return [[(unit.video.key, unit.first) for unit, shard in zip(units, shards) if shard == rank] for rank in range(3)]
 
     everywhere = shares()
     assert sorted(key for share in everywhere for key, _ in share if _ == 0) == sorted(clips)

@@ -48,12 +48,12 @@ def summary_counts(output_dir: Path) -> dict[str, int]:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder with its mtime and size; the summary and the results page, which every
-    job rewrites, left out."""
+    """Every file and folder with its mtime and size; the summary, the results page and the jobs'
+    accounts (.jobs/), which every job rewrites, left out."""
     return {
         str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
         for p in folder.rglob("*")
-        if p.name not in ("summary.json", "summary.csv", "index.html")
+        if p.name not in ("summary.json", "summary.csv", "index.html", ".jobs") and p.parent.name != ".jobs"
     }
 
 

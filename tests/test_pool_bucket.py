@@ -28,6 +28,7 @@ import process_segmentation as ps
 import sam3_pipeline.assembly
 from conftest import REPO, run_cli, segment, write_test_video
 from lagging_bucket import LaggingBucket
+from sam3_pipeline.progress import read_progress
 
 LAG = 10.0  # seconds before one worker's file shows in the others' views
 BUCKET_LAG = "15"  # the job's wait at its end: longer than the lag
@@ -98,6 +99,11 @@ def test_jobs_that_end_together_leave_a_split_video_whole_and_every_report_true(
     assert_bucket_whole_and_reported(bucket.bucket, ["b", "c", "long"])
     metadata = json.loads((bucket.bucket / "long" / "long_metadata.json").read_text())
     assert sorted(window["computed_by"]["shard"] for window in metadata["windows"]) == [0, 1, 2]
+    # each rank wrote its plan from its own view: the bucket's progress counts all three accounts
+    found = read_progress(bucket.bucket)
+    assert [(job.shard, job.state, job.exit_status) for job in found.jobs] == [(0, "ended", 0), (1, "ended", 0), (2, "ended", 0)]
+    assert found.other_plans == 0 and found.frames_left == 0
+    assert {video.key: video.status for video in found.videos} == dict.fromkeys(["b", "c", "long"], "done")
     waited = [max(waits(output)) for _, output in results]
     assert all(seconds <= float(BUCKET_LAG) + 1 for seconds in waited), waited
     print(f"\nseconds each rank waited at its end (BUCKET_LAG {BUCKET_LAG}, lag {LAG}): {waited}")

@@ -25,7 +25,8 @@ import pytest
 import sam3_pipeline.assembly
 from conftest import failure_lines, run_cli, segment
 from ffmpeg_tools import decode_rgb, ffmpeg, ffprobe_stream, frame_times, require_ffmpeg
-from sam3_pipeline.outputs import STALE_PARTIAL_SECONDS, partial_path
+from sam3_pipeline.files import partial_path
+from sam3_pipeline.outputs import STALE_PARTIAL_SECONDS
 from sam3_pipeline.video_io import DecodeReport, SampledFrame, sample_frames
 
 require_ffmpeg()
