@@ -19,7 +19,7 @@ Each measurement runs in its own process so that its peak memory is its own.
 
 Usage:
   python bench/benchmark.py                    # 60 and 600 frames, prints a table
-  python bench/benchmark.py --readme README.md # also writes the table into the README
+  python bench/benchmark.py --readme           # also writes the table into docs/performance.md
   python bench/benchmark.py --small            # a few small frames: the CI smoke run
   python bench/benchmark.py --full-size --json cpu.json   # CPU: 2 and 4 frames, 20 and 10 objects
   python bench/benchmark.py --full-size --device cuda --dtype bfloat16 --json gpu.json
@@ -52,6 +52,7 @@ from synthetic_video import write_test_video  # noqa: E402  (no pytest: it runs 
 
 PROMPTS = ["soccer player", "ball"]
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+PERFORMANCE_PAGE = REPO / "docs" / "performance.md"  # where --readme writes the table by default
 MEMORY_HEADROOM = 0.6  # run the naive approach only when its estimated RSS fits in this share of RAM
 
 
@@ -723,7 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         "--small", action="store_true", help="smoke run: 3 and 6 frames at 320x180, 2 objects per prompt"
     )
     parser.add_argument(
-        "--readme", type=Path, help="write the table between the benchmark markers of this file"
+        "--readme",
+        type=Path,
+        nargs="?",
+        const=PERFORMANCE_PAGE,
+        metavar="FILE",
+        help="write the table, with today's date, between the benchmark markers of FILE "
+        "(default docs/performance.md, the performance page)",
     )
     parser.add_argument(
         "--repeat",
@@ -818,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, (width, height), objects)
     print(text)
     if args.readme:
-        write_readme(args.readme, text)
+        write_readme(args.readme, f"Measured {datetime.date.today().isoformat()}. {text}")
     return 0
 
 

@@ -35,7 +35,7 @@ def cuda_unavailable_reason() -> str:
     """One line on why PyTorch cannot use a GPU here, naming the driver and the CUDA build."""
     build = f"PyTorch {torch.__version__}"
     if torch.version.cuda is None:
-        return f"{build} is a CPU-only build: install a CUDA build (README, \"GPU drivers\")"
+        return f"{build} is a CPU-only build: install a CUDA build (docs/gpu-drivers.md)"
     needed = MIN_DRIVER_FOR_CUDA.get(int(torch.version.cuda.split(".")[0]))
     build += f" (CUDA {torch.version.cuda}" + (f", needs NVIDIA driver >= {needed})" if needed else ")")
     driver = nvidia_driver_version()
@@ -44,7 +44,7 @@ def cuda_unavailable_reason() -> str:
     if needed and int(driver.split(".")[0]) < needed:
         return (
             f"{build} cannot use the GPU: NVIDIA driver {driver} is too old; install the PyTorch build "
-            f"for this driver (README, \"GPU drivers\") or use an image with a newer driver"
+            f"for this driver (docs/gpu-drivers.md) or use an image with a newer driver"
         )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 
+from sam3_pipeline.hub import must_load_from_cache
 from sam3_pipeline.messages import UsageError, one_line
 from sam3_pipeline.stages import StageTimes
 from sam3_pipeline.video_io import SampledFrame
@@ -23,7 +24,7 @@ MAX_PROMPT_TOKENS = 32  # SAM3's text encoder pads every prompt to exactly this 
 
 # Frames per SAM3 session. Memory grows linearly within a session: measured at full size in
 # bfloat16, 74 MB per frame with 20 objects (10.0 GB peak at 100 frames, 17.4 GB at 200), and 100
-# was the fastest of 50/100/200 (README, "The full-size SAM3, measured").
+# was the fastest of 50/100/200 (docs/performance.md).
 DEFAULT_CHUNK_FRAMES = 100
 MATCH_IOU = 0.3  # least mask IoU, on the frame two windows share, to keep an object's ID
 
@@ -131,7 +132,8 @@ def enable_sam3_postprocessing() -> str:
 
 
 def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) -> Segmenter:
-    """Load SAM3 once. A local directory loads offline; a hub ID uses HF_TOKEN for the gated checkpoint."""
+    """Load SAM3 once. A local directory loads offline; a Hub ID is checked first (`hub.must_load_from_cache`:
+    one request, a clear line on failure), then uses HF_TOKEN for the gated checkpoint."""
     from transformers import Sam3VideoModel, Sam3VideoProcessor
 
     looks_like_path = model_name.startswith((os.sep, ".", "~")) or model_name.count("/") > 1
@@ -140,11 +142,12 @@ def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) ->
             raise UsageError(f"cannot load model {model_name}: no such directory")
         model_name = str(Path(model_name).expanduser())
     token = os.environ.get("HF_TOKEN") or None
+    from_cache = False if Path(model_name).is_dir() else must_load_from_cache(model_name, token)
     try:
-        processor = Sam3VideoProcessor.from_pretrained(model_name, token=token)
-        model = Sam3VideoModel.from_pretrained(model_name, token=token, dtype=dtype)
+        processor = Sam3VideoProcessor.from_pretrained(model_name, token=token, local_files_only=from_cache)
+        model = Sam3VideoModel.from_pretrained(model_name, token=token, dtype=dtype, local_files_only=from_cache)
     except (OSError, ValueError) as error:
-        hint = "" if Path(model_name).is_dir() else " (is HF_TOKEN set, with access to the gated checkpoint?)"
+        hint = " (from the local cache only, which holds part of the download)" if from_cache else ""
         raise UsageError(f"cannot load model {model_name}: {one_line(error)}{hint}") from None
     postprocessing = enable_sam3_postprocessing()
     return Segmenter(model.to(device).eval(), processor, model_name, device, dtype, postprocessing)

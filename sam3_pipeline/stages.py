@@ -5,7 +5,7 @@ SAM3 should never wait for the CPU work around it: on a GPU worker that is paid-
 Decoding runs ahead of SAM3 in a thread (`RunAhead`): FFmpeg and PyTorch release the GIL while
 they work. The outputs (masks, overlay, tracks, H.264) run in a process of their own
 (`ChildProcess`): much of that work is Python and numpy between short C calls, and in a thread it
-held the GIL often enough to slow SAM3's own Python by a quarter (README, "Performance").
+held the GIL often enough to slow SAM3's own Python by a quarter (docs/performance.md).
 """
 
 from __future__ import annotations

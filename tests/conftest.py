@@ -55,7 +55,7 @@ def run_in_skypilot_venv(script: str, cases: list[dict[str, Any]], home: Path) -
 
 
 def sampled_times(times: Sequence[float], average_interval: float, rate: float = 1.0) -> list[float]:
-    """The frame times a sampler at `rate` takes, by the rule the README states: for each k, the
+    """The frame times a sampler at `rate` takes, by the rule docs/how-it-works.md states: for each k, the
     first frame later than k / rate less half a frame interval (the average one, or the interval
     since the frame before where that is shorter); no k gets two frames, and a k inside a gap in
     the video gets none. `times`: every frame's time from the first, in order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -12,11 +13,11 @@ import pytest
 from conftest import REPO
 
 
-def test_benchmark_small_mode_measures_both_approaches_and_fills_a_readme(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n<!-- benchmark:start -->\nold table\n<!-- benchmark:end -->\n\ntail\n")
+def test_benchmark_small_mode_measures_both_approaches_and_fills_the_performance_page(tmp_path):
+    page = tmp_path / "performance.md"  # --readme with no path writes docs/performance.md
+    page.write_text("# x\n\n<!-- benchmark:start -->\nold table\n<!-- benchmark:end -->\n\ntail\n")
     completed = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "benchmark.py"), "--small", "--readme", str(readme)],
+        [sys.executable, str(REPO / "bench" / "benchmark.py"), "--small", "--readme", str(page)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -32,8 +33,9 @@ def test_benchmark_small_mode_measures_both_approaches_and_fills_a_readme(tmp_pa
         assert row["ours"]["seconds"] > row["sam3"]["seconds"], "SAM3 alone is the floor"
         assert set(row["ours"]["stage_seconds"]) == set(row["serial"]["stage_seconds"]) >= {"decode", "sam3", "encode"}
 
-    text = readme.read_text()
+    text = page.read_text()
     assert "old table" not in text and text.endswith("<!-- benchmark:end -->\n\ntail\n")
+    assert re.search(r"<!-- benchmark:start -->\nMeasured \d{4}-\d{2}-\d{2}\. Synthetic 320x180 clip", text), "its date"
     table = [line for line in text.splitlines() if line.startswith("| 3 ") or line.startswith("| 6 ")]
     assert len(table) == 2 and all(line.count("|") == 9 for line in table)
     assert "| decode | preprocess | sam3 |" in text, "the time per stage"
@@ -72,3 +74,16 @@ def test_progress_benchmark_builds_a_launch_and_times_the_command(tmp_path):
     assert result["windows"] == 200 and result["files"] == 1 + 3  # the plan and one account per job
     assert result["command_s_best_of_5"] > 0
     assert "windows         99 / 200 (50%)" in completed.stdout
+
+
+def test_tracks_reader_benchmark_reads_every_mask_of_a_file_it_writes():
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "tracks_reader_bench.py"), "--frames", "20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout)
+    assert result["frames"] == 20 and result["objects"] == 500
+    assert result["mask_pixels"] > 500 * 78 and result["peak_rss_mb"] > 0  # every mask decoded (a ball is ~78 px)

@@ -38,16 +38,16 @@ with zipfile.ZipFile(os.path.join(args[args.index("-p") + 1], dataset.split("/")
     for name, data in FILES.items():
         archive.writestr(name, data)
 """
-# python: the real interpreter, except that the weights download (`-c` with snapshot_download)
+# python: the real interpreter, except that the weights download (`-m sam3_pipeline.hub`)
 # and the device check (`process_segmentation.py --check-device`) are only logged, and that it kills the whole setup (its process group), as a preemption would,
 # with KILL_DURING=unzip after `-m zipfile -e` has extracted one member, and with
 # KILL_DURING=copy after the copy into the bucket has written half of its first file.
 PYTHON = """\
 import os, signal, sys, zipfile
 args = sys.argv[1:]
-if args[:1] == ["-c"] and "snapshot_download" in args[1]:
+if args[:2] == ["-m", "sam3_pipeline.hub"]:
     with open(os.environ["STAND_IN_LOG"], "a") as calls:
-        calls.write("weights " + args[1] + "\\n")
+        calls.write("weights " + " ".join(args[2:]) + "\\n")
     sys.exit(1 if os.environ.get("FAIL_AT") == "weights" else 0)
 if args[:2] == ["process_segmentation.py", "--check-device"]:
     with open(os.environ["STAND_IN_LOG"], "a") as calls:
