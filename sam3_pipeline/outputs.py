@@ -22,6 +22,7 @@ from pycocotools import mask as coco_mask
 from sam3_pipeline.files import partial_path, read_record
 from sam3_pipeline.messages import UsageError, one_line
 from sam3_pipeline.sam3 import Detections
+from sam3_pipeline.tracks import box_mask
 from sam3_pipeline.video_io import SampledFrame
 
 if TYPE_CHECKING:  # dataset reads output names: an import at run time would be circular
@@ -196,10 +197,7 @@ def detections_from_records(objects: Sequence[dict[str, Any]]) -> Detections:
     if not objects:
         return Detections.empty()
     boxes = np.array([obj["box"] for obj in objects], dtype=np.int64)
-    masks = []
-    for obj, (x0, y0, x1, y1) in zip(objects, boxes, strict=True):
-        full = coco_mask.decode({"size": obj["mask"]["size"], "counts": obj["mask"]["counts"].encode("ascii")})
-        masks.append(full[y0 : y1 + 1, x0 : x1 + 1].astype(bool))
+    masks = [box_mask(obj["mask"], box) for obj, box in zip(objects, boxes.tolist(), strict=True)]
     return Detections(
         object_ids=np.array([obj["id"] for obj in objects], dtype=np.int64),
         prompts=[obj["prompt"] for obj in objects],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import cv2
@@ -52,6 +53,65 @@ def color_hex(color: tuple[int, int, int]) -> str:
     return "#" + "".join(f"{channel:02x}" for channel in color)
 
 
+def place_labels(
+    boxes: np.ndarray, label_sizes: Sequence[tuple[int, int]], frame_size: tuple[int, int]
+) -> list[tuple[int, int]]:
+    """Where each label goes, as (x, y) of its top-left corner, so that no two labels overlap
+    while the frame has room: crowded boxes (a corner kick) would otherwise stack their labels
+    into one unreadable smear.
+
+    boxes: (N, 4) XYXY inclusive; label_sizes: N (width, height) of the label rectangles;
+    frame_size: (H, W). Labels are placed top to bottom of their boxes; each takes the first
+    free spot of: just above its box, just below it, inside its top edge, then further down in
+    steps of its own height. Where none is free, it goes above its box, overlapping.
+    """
+    height, width = frame_size
+    placed: list[tuple[int, int, int, int]] = []  # x0, y0, x1, y1 exclusive
+    spots: list[tuple[int, int]] = [(0, 0)] * len(boxes)
+    for i in sorted(range(len(boxes)), key=lambda i: (int(boxes[i][1]), int(boxes[i][0]))):
+        x0, y0, _, y1 = map(int, boxes[i])
+        w, h = label_sizes[i]
+        x = min(max(x0, 0), max(width - w, 0))
+        candidates = [y0 - h, y1 + 1, y0, *range(y0 + h, height - h + 1, h)]
+        fits = [min(max(y, 0), max(height - h, 0)) for y in candidates]
+        free = (y for y in fits if all(x + w <= a or b <= x or y + h <= c or d <= y for a, c, b, d in placed))
+        y = next(free, fits[0])
+        placed.append((x, y, x + w, y + h))
+        spots[i] = (x, y)
+    return spots
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """One object's label on a frame: its text in a filled rectangle of the object's colour."""
+
+    text: str
+    x: int  # top-left corner of the rectangle, pixels
+    y: int
+    width: int
+    height: int
+    text_height: int  # of the glyphs above the baseline
+
+
+def label_font(frame_height: int) -> tuple[float, int]:
+    """(font scale, line thickness) for boxes and labels: the same share of any frame's height."""
+    return max(frame_height / 720.0, 0.4) * 0.6, max(1, round(frame_height / 360))
+
+
+def layout_labels(detections: Detections, frame_size: tuple[int, int]) -> list[Label]:
+    """Each object's label, its prompt, placed apart from the others (`place_labels`).
+    frame_size: (H, W)."""
+    scale, thickness = label_font(frame_size[0])
+    texts = list(detections.prompts)
+    metrics = [cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness) for text in texts]
+    sizes = [(text_w + 2, text_h + baseline + 2) for (text_w, text_h), baseline in metrics]
+    spots = place_labels(detections.boxes, sizes, frame_size)
+    return [
+        Label(text, x, y, w, h, text_h)
+        for text, (x, y), (w, h), ((_, text_h), _) in zip(texts, spots, sizes, metrics, strict=True)
+    ]
+
+
 def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
     """Blend each mask in its object's colour, box it and label it with its prompt.
 
@@ -61,9 +121,9 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
 
     frame: (H, W, 3) uint8 RGB. Returns a new (H, W, 3) uint8 RGB frame.
     Masks are painted largest first so that small objects (the ball) stay visible; each blend is
-    done inside the object's box only, which is what keeps this cheap at 20+ objects.
+    done inside the object's box only, which is what keeps this cheap at 20+ objects. Labels
+    come last, over every mask, placed apart (`layout_labels`).
     """
-    height = frame.shape[0]
     canvas = frame.copy()
     areas = np.array([np.count_nonzero(mask) for mask in detections.masks])
     for i in np.argsort(-areas, kind="stable"):
@@ -73,26 +133,14 @@ def draw_overlay(frame: np.ndarray, detections: Detections) -> np.ndarray:
         tint[:] = object_color(int(detections.object_ids[i]))
         blended = cv2.addWeighted(roi, 1.0 - MASK_ALPHA, tint, MASK_ALPHA, 0.0)
         cv2.copyTo(blended, detections.masks[i].view(np.uint8), roi)
-    scale = max(height / 720.0, 0.4) * 0.6
-    thickness = max(1, round(height / 360))
-    for i, obj_id in enumerate(map(int, detections.object_ids)):
-        color = object_color(obj_id)
-        x0, y0, x1, y1 = map(int, detections.boxes[i])
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), color, thickness)
-        label = detections.prompts[i]
-        (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-        top = max(y0 - text_h - baseline - 2, 0)
-        cv2.rectangle(canvas, (x0, top), (x0 + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
-        cv2.putText(
-            canvas,
-            label,
-            (x0 + 1, top + text_h + 1),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            scale,
-            (0, 0, 0),
-            thickness,
-            cv2.LINE_AA,
-        )
+    scale, thickness = label_font(frame.shape[0])
+    for obj_id, (x0, y0, x1, y1) in zip(map(int, detections.object_ids), detections.boxes.tolist()):
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), object_color(obj_id), thickness)
+    for obj_id, label in zip(map(int, detections.object_ids), layout_labels(detections, frame.shape[:2])):
+        corner = (label.x + label.width - 1, label.y + label.height - 1)
+        cv2.rectangle(canvas, (label.x, label.y), corner, object_color(obj_id), cv2.FILLED)
+        origin = (label.x + 1, label.y + label.text_height + 1)
+        cv2.putText(canvas, label.text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
     return canvas
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,10 +42,9 @@ class TrackedObject:
         return coco_mask.decode({"size": self.rle["size"], "counts": self.rle["counts"].encode("ascii")}).astype(bool)
 
     def box_mask(self) -> np.ndarray:
-        """The mask inside `box` only, (y1 - y0 + 1, x1 - x0 + 1) bool: the same pixels, a box's worth
-        of memory once cut out (the full frame is decoded first, one object at a time)."""
-        x0, y0, x1, y1 = self.box
-        return self.mask()[y0 : y1 + 1, x0 : x1 + 1].copy()
+        """The mask inside `box` only, (y1 - y0 + 1, x1 - x0 + 1) bool: the same pixels, decoded
+        for the box's columns only (`box_mask`), far quicker than the whole frame."""
+        return box_mask(self.rle, self.box)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +55,49 @@ class TrackedFrame:
     source_frame: int  # the frame's number in the source video
     timestamp: float  # seconds of video time
     objects: list[TrackedObject]
+
+
+def rle_counts(counts: str) -> np.ndarray:
+    """The run lengths of a COCO compressed RLE string, as pycocotools reads them (`rleFrString`):
+    each a little-endian run of 5-bit groups, 0x20 to go on and 0x10 the sign of the last group,
+    offset by 48; from the fourth on, a difference from the one two before."""
+    values: list[int] = []
+    data = counts.encode("ascii")
+    position = 0
+    while position < len(data):
+        value = shift = 0
+        while True:
+            chunk = data[position] - 48
+            position += 1
+            value |= (chunk & 0x1F) << shift
+            shift += 5
+            if not chunk & 0x20:
+                if chunk & 0x10:
+                    value |= -1 << shift
+                break
+        if len(values) > 2:
+            value += values[-2]
+        values.append(value)
+    return np.array(values, dtype=np.int64)
+
+
+def box_mask(rle: dict[str, Any], box: Sequence[int]) -> np.ndarray:
+    """The part of a full-frame COCO RLE mask inside `box` (XYXY, inclusive), as a
+    (y1 - y0 + 1, x1 - x0 + 1) bool array, decoding only the box's columns (the RLE runs down
+    the columns, alternately 0s and 1s): a player's box at 1080p in ~0.1 ms, where decoding the
+    whole frame takes ~3 ms."""
+    height = rle["size"][0]
+    x0, y0, x1, y1 = box
+    runs = rle_counts(rle["counts"])
+    ends = np.cumsum(runs)
+    low, high = x0 * height, (x1 + 1) * height
+    starts = np.clip(ends[1::2] - runs[1::2], low, high) - low  # the runs of 1s
+    stops = np.clip(ends[1::2], low, high) - low
+    edges = np.zeros(high - low + 1, dtype=np.int32)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, stops, -1)
+    columns = (np.cumsum(edges[:-1]) > 0).reshape(x1 - x0 + 1, height)
+    return np.ascontiguousarray(columns.T[y0 : y1 + 1])
 
 
 def read_tracks(path: str | os.PathLike[str]) -> Iterator[TrackedFrame]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import torch
 import make_tiny_sam3
 import process_segmentation as ps
 from sam3_pipeline.outputs import output_problems
-from sam3_pipeline.overlay import PALETTE, draw_overlay, object_color
+from sam3_pipeline.overlay import PALETTE, draw_overlay, layout_labels, object_color
 from sam3_pipeline.sam3 import Detections, Segmenter, detections_from, match_objects, session_output
 from sam3_pipeline.video_io import H264Writer, output_rate, sample_frames
 from conftest import REPO, failure_lines, pitch_frame, run_cli, sampled_times, segment, write_test_video
@@ -122,6 +123,32 @@ def test_draw_overlay_tints_masked_pixels_only_and_colours_follow_ids():
     assert object_color(3) != object_color(7) and object_color(3) == object_color(
         3 + len(PALETTE)
     )
+
+
+def corner_kick(count: int = 15, size: tuple[int, int] = (720, 1280)) -> Detections:
+    """`count` players crowded into one box of the frame's top-left corner, boxes overlapping."""
+    masks = np.zeros((count, *size), dtype=bool)
+    for i in range(count):
+        x0, y0 = 20 + 9 * (i % 5), 30 + 14 * (i // 5)
+        masks[i, y0 : y0 + 90, x0 : x0 + 40] = True
+    return detections_from_full_masks(list(range(1, count + 1)), ["soccer player"] * count, masks)
+
+
+@pytest.mark.parametrize("size", [(480, 854), (720, 1280), (1080, 1920)], ids=["480p", "720p", "1080p"])
+def test_crowded_labels_each_stand_apart_from_the_others(size):
+    detections = corner_kick(size=size)
+    labels = layout_labels(detections, size)
+
+    assert [label.text for label in labels] == ["soccer player"] * 15
+    for label in labels:
+        assert 0 <= label.x and label.x + label.width <= size[1] and 0 <= label.y and label.y + label.height <= size[0]
+    for a, b in itertools.combinations(labels, 2):
+        apart = a.x + a.width <= b.x or b.x + b.width <= a.x or a.y + a.height <= b.y or b.y + b.height <= a.y
+        assert apart, f"{a.text!r} and {b.text!r} overlap"
+    drawn = draw_overlay(pitch_frame(0, size[1], size[0]), detections)
+    for obj_id, label in zip(detections.object_ids, labels):
+        # labels are drawn last: each one's corner shows its object's colour, on top of everything
+        assert tuple(drawn[label.y, label.x]) == object_color(int(obj_id))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sam3_pipeline.outputs import coco_rle
 from sam3_pipeline.overlay import preview_jpeg, preview_picks
 from sam3_pipeline.sam3 import Detections, detections_from, model_frames, prepare_frames
 from sam3_pipeline.stages import StageTimes
+from sam3_pipeline.tracks import box_mask
 from sam3_pipeline.video_io import SampledFrame
 from conftest import pitch_frame, write_test_video
 
@@ -51,6 +52,18 @@ def test_coco_rle_of_a_crop_equals_pycocotools_on_the_full_mask(seed):
             "counts": coco_mask.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode(),
         }
         assert np.array_equal(coco_mask.decode(rle).astype(bool), full)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (1080, 1920)], ids=["small", "1080p"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_box_decoded_from_the_rle_alone_is_pycocotools_whole_frame_cut_to_it(seed, size):
+    detections = random_crop_masks(seed, size, count=6)
+    for index in range(6):
+        rle = coco_rle(detections.boxes[index], detections.masks[index], size)
+        full = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+        x0, y0, x1, y1 = detections.boxes[index].tolist()
+        assert np.array_equal(box_mask(rle, (x0, y0, x1, y1)), full[y0 : y1 + 1, x0 : x1 + 1])
+        assert np.array_equal(box_mask(rle, (0, 0, size[1] - 1, size[0] - 1)), full)  # any box, the frame too
 
 
 @pytest.fixture(scope="module")
