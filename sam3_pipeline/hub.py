@@ -37,7 +37,9 @@ def is_cached(model_id: str) -> bool:
 def must_load_from_cache(model_id: str, token: str | None) -> bool:
     """Check that `model_id` can be loaded before loading it: True when it must come from the local
     cache only (the Hub is unreachable or offline mode is on, and an earlier download is cached),
-    False when the Hub serves it to this token. Raises UsageError naming the fix otherwise."""
+    False when the Hub serves it to `token` (None: the token of `hf auth login`, as
+    `from_pretrained` would use). Raises UsageError naming the fix otherwise."""
+    token = token or huggingface_hub.get_token()
     if constants.HF_HUB_OFFLINE:
         if is_cached(model_id):
             return True
@@ -54,12 +56,12 @@ def must_load_from_cache(model_id: str, token: str | None) -> bool:
     except GatedRepoError:
         if token:
             raise UsageError(
-                f"cannot load model {model_id}: the account of HF_TOKEN has no access to this gated checkpoint yet: "
-                f"request it at {page} (approval can take a while), then run again"
+                f"cannot load model {model_id}: the account of the token (HF_TOKEN or `hf auth login`) has no "
+                f"access to this gated checkpoint yet: request it at {page} (approval can take a while), then run again"
             ) from None
         raise UsageError(
             f"cannot load model {model_id}: HF_TOKEN is not set: request access at {page}, "
-            f"then export HF_TOKEN=hf_... with a token of that account ({TOKENS_PAGE})"
+            f"then export HF_TOKEN=hf_... with a token of that account ({TOKENS_PAGE}), or run `hf auth login`"
         ) from None
     except RepositoryNotFoundError:
         raise UsageError(
@@ -69,8 +71,8 @@ def must_load_from_cache(model_id: str, token: str | None) -> bool:
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code == 401:
             raise UsageError(
-                f"cannot load model {model_id}: the Hugging Face Hub does not accept HF_TOKEN: "
-                f"copy a token again from {TOKENS_PAGE}"
+                f"cannot load model {model_id}: the Hugging Face Hub does not accept the token "
+                f"(HF_TOKEN or `hf auth login`): copy a token again from {TOKENS_PAGE}"
             ) from None
         reason = one_line(error)
     except Exception as error:  # whatever kept the Hub from answering: DNS, refused, timeout, proxy

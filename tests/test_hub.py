@@ -113,8 +113,18 @@ def assert_one_line(completed: subprocess.CompletedProcess, *expected: str) -> s
     ("status", "headers", "token", "expected"),
     [
         (401, {"X-Error-Code": "GatedRepo"}, None, ["HF_TOKEN is not set", f"/{MODEL}", "settings/tokens"]),
-        (403, {"X-Error-Code": "GatedRepo"}, "hf_no_access", ["no access to this gated checkpoint yet", f"/{MODEL}"]),
-        (401, {"X-Error-Message": INVALID_TOKEN}, "hf_revoked", ["does not accept HF_TOKEN", "settings/tokens"]),
+        (
+            403,
+            {"X-Error-Code": "GatedRepo"},
+            "hf_no_access",
+            ["has no access to this gated checkpoint yet", f"/{MODEL}"],
+        ),
+        (
+            401,
+            {"X-Error-Message": INVALID_TOKEN},
+            "hf_revoked",
+            ["does not accept the token (HF_TOKEN", "settings/tokens"],
+        ),
     ],
     ids=["no-token", "token-without-access", "invalid-token"],
 )
@@ -126,6 +136,16 @@ def test_a_checkpoint_the_token_cannot_get_fails_in_one_line_after_one_request(
 
     assert_one_line(completed, *expected)
     assert hub.requests == [("HEAD", CONFIG_PATH, f"Bearer {token}" if token else None)]
+
+
+def test_the_token_of_a_login_is_used_when_hf_token_is_not_set(tmp_path, make_video, stand_in_hub):
+    hub = stand_in_hub(403, **{"X-Error-Code": "GatedRepo"})
+    (tmp_path / "hf-home").mkdir()
+    (tmp_path / "hf-home" / "token").write_text("hf_from_login")  # where `hf auth login` keeps it
+    completed = first_run(tmp_path, make_video, hub.endpoint)
+
+    assert_one_line(completed, "has no access to this gated checkpoint yet")
+    assert hub.requests == [("HEAD", CONFIG_PATH, "Bearer hf_from_login")]
 
 
 def test_a_mistyped_model_id_is_named_as_such(tmp_path, make_video, stand_in_hub):
