@@ -13,7 +13,6 @@ Setup fetches the weights through it too, so that a missing token fails there in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -34,12 +33,12 @@ def is_cached(model_id: str) -> bool:
     return isinstance(huggingface_hub.try_to_load_from_cache(model_id, PROBE_FILE), str)
 
 
-def must_load_from_cache(model_id: str, token: str | None) -> bool:
+def must_load_from_cache(model_id: str) -> bool:
     """Check that `model_id` can be loaded before loading it: True when it must come from the local
     cache only (the Hub is unreachable or offline mode is on, and an earlier download is cached),
-    False when the Hub serves it to `token` (None: the token of `hf auth login`, as
-    `from_pretrained` would use). Raises UsageError naming the fix otherwise."""
-    token = token or huggingface_hub.get_token()
+    False when the Hub serves it to the token `from_pretrained` will use (HF_TOKEN, else that of
+    `hf auth login`). Raises UsageError naming the fix otherwise."""
+    token = huggingface_hub.get_token()
     if constants.HF_HUB_OFFLINE:
         if is_cached(model_id):
             return True
@@ -89,16 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check access to a SAM3 checkpoint on the Hub, then download it.")
     parser.add_argument("model", help="Hub model ID, e.g. facebook/sam3 (uses HF_TOKEN)")
     model = parser.parse_args(argv).model
-    token = os.environ.get("HF_TOKEN") or None
     try:
-        if must_load_from_cache(model, token):
+        if must_load_from_cache(model):
             print(f"{model}: the Hub cannot be reached; using the copy in the Hugging Face cache", file=sys.stderr)
             return 0
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     # The original checkpoint's .pt duplicates the safetensors transformers loads.
-    huggingface_hub.snapshot_download(model, token=token, ignore_patterns=["*.pt"])
+    huggingface_hub.snapshot_download(model, ignore_patterns=["*.pt"])
     return 0
 
 

@@ -142,7 +142,7 @@ def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) ->
             raise UsageError(f"cannot load model {model_name}: no such directory")
         model_name = str(Path(model_name).expanduser())
     token = os.environ.get("HF_TOKEN") or None
-    from_cache = False if Path(model_name).is_dir() else must_load_from_cache(model_name, token)
+    from_cache = False if Path(model_name).is_dir() else must_load_from_cache(model_name)
     try:
         processor = Sam3VideoProcessor.from_pretrained(model_name, token=token, local_files_only=from_cache)
         model = Sam3VideoModel.from_pretrained(model_name, token=token, dtype=dtype, local_files_only=from_cache)
