@@ -28,6 +28,14 @@ PROMPTS = ["soccer player", "ball"]
 # One thread was several times faster than two on the 2-core CI machine.
 torch.set_num_threads(1)
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: over about 5 s (whole jobs, several ranks, the full-size model); "
+        '`pytest -m "not slow"` is the quick loop (docs/development.md)',
+    )
+
 def run_in_skypilot_venv(script: str, cases: list[dict[str, Any]], home: Path) -> list[Any]:
     """Run tests/<script> with SkyPilot's interpreter ($SKYPILOT_PYTHON, else .venv-sky: its click
     pin conflicts with transformers', see tests/requirements-sky.txt), `cases` as JSON on stdin

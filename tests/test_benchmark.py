@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_benchmark_small_mode_measures_both_approaches_and_fills_the_performance_page(tmp_path):
     page = tmp_path / "performance.md"  # --readme with no path writes docs/performance.md
     page.write_text("# x\n\n<!-- benchmark:start -->\nold table\n<!-- benchmark:end -->\n\ntail\n")
@@ -41,6 +42,7 @@ def test_benchmark_small_mode_measures_both_approaches_and_fills_the_performance
     assert "| decode | preprocess | sam3 |" in text, "the time per stage"
 
 
+@pytest.mark.slow
 def test_benchmark_full_size_smoke_runs_one_frame_of_the_full_size_model(tmp_path):
     # ~2.5 minutes on the 2-core CI machine: a 22 s model build (3.3 GB, deleted after), ~110 s per frame.
     with tempfile.TemporaryDirectory() as cache:

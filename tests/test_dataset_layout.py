@@ -112,6 +112,7 @@ def test_nested_dataset_mirrors_its_folders_rerun_skips_and_summary_lists_keys(
     assert [row["frames_processed"] for row in summary["videos"][:4]] == [1, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_nested_dataset_as_three_jobs_of_the_run_block(tmp_path, make_video, run_block):
     """The pool's way: three jobs, one output folder (the bucket); each video done by exactly one."""
     dataset = make_dataset(tmp_path / "videos", NESTED, make_video)

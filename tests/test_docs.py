@@ -354,6 +354,7 @@ def test_every_relative_link_and_anchor_of_the_readme_and_docs_resolves():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_every_flag_of_a_documented_command_is_in_its_tools_help(helps):
     commands, problems = command_problems(PAGES, helps)
     tools = {command.tool for command in commands}
@@ -414,6 +415,7 @@ def test_broken_links_and_anchors_are_reported_with_file_and_line(tmp_path):
     assert "missing.md does not exist" in problems[0] and "#twice-2" in problems[1] and "#nope" in problems[3]
 
 
+@pytest.mark.slow
 def test_unknown_flags_and_subcommands_are_reported_with_file_line_and_flag(tmp_path, helps):
     page = tmp_path / "page.md"
     page.write_text(

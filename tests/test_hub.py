@@ -109,6 +109,7 @@ def assert_one_line(completed: subprocess.CompletedProcess, *expected: str) -> s
     return line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("status", "headers", "token", "expected"),
     [
@@ -138,6 +139,7 @@ def test_a_checkpoint_the_token_cannot_get_fails_in_one_line_after_one_request(
     assert hub.requests == [("HEAD", CONFIG_PATH, f"Bearer {token}" if token else None)]
 
 
+@pytest.mark.slow
 def test_the_token_of_a_login_is_used_when_hf_token_is_not_set(tmp_path, make_video, stand_in_hub):
     hub = stand_in_hub(403, **{"X-Error-Code": "GatedRepo"})
     (tmp_path / "hf-home").mkdir()
@@ -157,6 +159,7 @@ def test_a_mistyped_model_id_is_named_as_such(tmp_path, make_video, stand_in_hub
     assert [path for _, path, _ in hub.requests] == ["/facebook/sam33/resolve/main/config.json"]
 
 
+@pytest.mark.slow
 def test_no_network_and_nothing_cached_says_the_hub_cannot_be_reached(tmp_path, make_video):
     endpoint = closed_port_endpoint()
     completed = first_run(tmp_path, make_video, endpoint, HF_TOKEN="hf_valid")
@@ -165,12 +168,14 @@ def test_no_network_and_nothing_cached_says_the_hub_cannot_be_reached(tmp_path, 
     assert "HF_TOKEN" not in line
 
 
+@pytest.mark.slow
 def test_offline_mode_without_a_cached_checkpoint_says_so(tmp_path, make_video):
     completed = first_run(tmp_path, make_video, closed_port_endpoint(), HF_HUB_OFFLINE="1")
 
     assert_one_line(completed, "HF_HUB_OFFLINE is set", "does not hold it", "--model a local folder")
 
 
+@pytest.mark.slow
 def test_no_network_with_the_checkpoint_cached_runs_from_the_cache_without_retries(
     tmp_path, make_video, tiny_model_dir
 ):

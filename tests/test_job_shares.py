@@ -57,6 +57,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("num_jobs", "clips"),
     [(1, CLIPS), (2, CLIPS), (3, CLIPS), (7, CLIPS), (5, FEW_CLIPS)],
@@ -112,6 +113,7 @@ def test_job_shares_cover_every_video_once(tmp_path, make_video, run_block, num_
     assert snapshot(outputs[largest]) == before
 
 
+@pytest.mark.slow
 def test_job_run_failed_video_fails_job(tmp_path, make_video, run_block):
     videos = make_clips(tmp_path / "videos", {"good": 1}, make_video)
     (videos / "broken.mp4").write_bytes(b"not a video" * 100)
@@ -137,6 +139,7 @@ def test_job_run_without_gpu_fails_job(tmp_path, make_video, run_block):
     assert completed(tmp_path / "out") == {}
 
 
+@pytest.mark.slow
 def test_single_run_max_videos_subset(tmp_path, make_video, run_block):
     videos = make_clips(tmp_path / "videos", FEW_CLIPS, make_video)
     status, output = run_block(

@@ -210,6 +210,7 @@ def start_long_run(tmp_path: Path, model: Path) -> tuple[subprocess.Popen, int]:
     raise AssertionError(f"the run ended before it could be stopped: {seen[-2000:]!r}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("how", "exit_code"),
     [("SIGINT to the process group (Ctrl-C)", 130), ("SIGTERM to the script (sky jobs cancel)", 143)],
@@ -236,6 +237,7 @@ def test_ctrl_c_and_sigterm_stop_every_stage(tmp_path, tiny_model_dir, how, exit
     assert b"Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_run_ends_its_outputs_process_too(tmp_path, tiny_model_dir):
     process, outputs_process = start_long_run(tmp_path, tiny_model_dir)
     ended = os.pidfd_open(outputs_process)  # readable once that process has ended

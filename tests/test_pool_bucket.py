@@ -72,6 +72,7 @@ def assert_bucket_whole_and_reported(bucket: Path, names: list[str]) -> None:
     assert cards == ["done"] * len(names), cards
 
 
+@pytest.mark.slow
 def test_jobs_that_end_together_leave_a_split_video_whole_and_every_report_true(tmp_path, make_video, run_block):
     """Three ranks at once, one window of the long video each, on three workers that see each
     other's files 10 s late. Before: every rank logged `1 waiting for windows of other shares`,
@@ -109,6 +110,7 @@ def test_jobs_that_end_together_leave_a_split_video_whole_and_every_report_true(
     print(f"\nseconds each rank waited at its end (BUCKET_LAG {BUCKET_LAG}, lag {LAG}): {waited}")
 
 
+@pytest.mark.slow
 def test_more_jobs_than_workers_a_failed_read_and_a_late_retry_compute_every_window_once(
     tmp_path, make_video, run_block
 ):
@@ -181,6 +183,7 @@ def copy_results(source: Path, destination: Path, leave_out: list[str]) -> Path:
     return destination
 
 
+@pytest.mark.slow
 def test_a_result_that_lands_after_triage_is_not_deleted(tmp_path, finished, tiny_model_dir, capsys, monkeypatch):
     """Shard 1 of 2 (clip a, window 1 of v), restarted while shard 0 was assembling v: its view
     shows neither v's results nor v's window 0 at start; v's metadata and files land while it
@@ -329,6 +332,7 @@ def test_any_assembly_error_fails_that_video_alone_and_the_summary_is_still_writ
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores and taskset")
 def test_a_window_computed_on_one_core_and_on_two_is_the_same_file(tmp_path, tiny_model_dir):
     """Before: libx264 chose its thread count from the cores, and with it the bytes (30,734 on 2

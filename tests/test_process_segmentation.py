@@ -377,6 +377,7 @@ def write_no_frames(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make_bad", "problem"),
     [
@@ -409,6 +410,7 @@ def test_bad_video_fails_alone_with_one_line_and_error_record(
     assert not (tmp_path / "out" / bad.stem / f"{bad.stem}_metadata.json").exists()
 
 
+@pytest.mark.slow
 def test_error_record_is_cleared_when_the_video_later_succeeds(tmp_path, tiny_model_dir, capsys):
     video = tmp_path / "later.mp4"
     code, _ = run_cli(segment([video], tmp_path / "out", tiny_model_dir), capsys)
@@ -532,6 +534,7 @@ def test_hf_token_is_never_printed_or_written(tmp_path, tiny_model_dir, capsys, 
             assert secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_no_file_that_looks_complete(tmp_path, tiny_model_dir, capsys):
     video = write_test_video(tmp_path / "long.mp4", seconds=12.0, fps=25, size=(320, 192))
     scratch = tmp_path / "scratch"

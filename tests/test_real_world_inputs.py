@@ -181,6 +181,7 @@ def check_complete_run(
     return metadata, frames
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ENCODES), ids=list(ENCODES))
 def test_real_world_input_completes_one_frame_per_second(case, inputs, tiny_model_dir, tmp_path, capsys):
     video = inputs[case]

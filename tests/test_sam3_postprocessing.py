@@ -120,6 +120,7 @@ def test_duplicate_detections_are_suppressed_to_one_per_prompt(tmp_path, duplica
     assert all(count > 1 for count in skipped["objects_per_prompt"].values()), skipped["objects_per_prompt"]
 
 
+@pytest.mark.slow
 def test_run_never_says_post_processing_was_skipped(tmp_path, tiny_model_dir):
     video = write_test_video(tmp_path / "clip.mp4", seconds=1.0)
     result = subprocess.run(

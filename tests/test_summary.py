@@ -243,6 +243,7 @@ def test_summary_read_by_a_reader_that_stops_early_ends_quietly(tmp_path):
     assert (tmp_path / "index.html").is_file()
 
 
+@pytest.mark.slow
 def test_summary_racing_runs_leave_valid_files(tmp_path):
     out, go = tmp_path / "out", tmp_path / "go"
     stems = [f"clip{i:03d}" for i in range(150)]

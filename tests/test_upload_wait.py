@@ -99,6 +99,7 @@ def composed(root: Path, tiny_model_dir: Path) -> dict[tuple[str, str], str]:
     return {case: script["script"] for case, script in zip(CASES, scripts, strict=True)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("yaml", "folder"), CASES, ids=[f"{yaml}-{folder}" for yaml, folder in CASES])
 def test_run_waits_for_uploads_and_keeps_exit_status(root, composed, venv_dir, make_video, yaml, folder):
     case = root / f"{yaml}-{folder}"

@@ -113,6 +113,7 @@ def test_a_window_found_by_seeking_has_the_frames_of_a_pass_from_the_start(tmp_p
             assert report.seeked, "decoding started part way through"
 
 
+@pytest.mark.slow
 def test_computing_the_last_window_decodes_about_one_window(tmp_path, tiny_model_dir, capsys):
     """A 60 s video (a keyframe every 2 s) at 1 sample per second in windows of 11 samples: the
     job that holds only its last window decodes that window and the keyframe interval before
@@ -184,6 +185,7 @@ def run_until_killed(command: list[str], target: int, rng: random.Random) -> Non
         process.stderr.close()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_a_rerun_computes_only_the_missing_windows(
     tmp_path, six_window_video, tiny_model_dir, uninterrupted, capsys
 ):
@@ -228,6 +230,7 @@ def test_kill_9_at_random_moments_then_a_rerun_computes_only_the_missing_windows
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_three_jobs_of_the_run_block_split_a_long_video_and_match_one_job(tmp_path, make_video, run_block):
     """One 3-window video (12 s at 1 sample per second in windows of 5) and three short ones,
     three ranks of the job's run block on one output folder, against one rank alone."""
