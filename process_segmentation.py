@@ -64,6 +64,7 @@ from sam3_pipeline.device import (
 )
 from sam3_pipeline.files import now_iso, read_record, write_json
 from sam3_pipeline.messages import UsageError, VideoError, log, one_line, redact
+from sam3_pipeline.model_step import FAST, MODEL_STEPS
 from sam3_pipeline.outputs import (
     check_output_dir,
     completed_metadata,
@@ -207,6 +208,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=("auto", *DTYPES),
         default="auto",
         help="model precision; auto = bfloat16 on GPUs that support it, else float32",
+    )
+    parser.add_argument(
+        "--model-step",
+        choices=MODEL_STEPS,
+        default=FAST,
+        help="fast = SAM3's step per frame with our changes to transformers' (docs/how-it-works.md), which fall "
+        "back to stock with a warning on a transformers they were not checked against; stock = transformers' own",
     )
     parser.add_argument(
         "--check-device",
@@ -975,9 +983,12 @@ def run(args: argparse.Namespace) -> int:
         segmenter = None
         if pending:
             leave_a_core_free(device)
-            segmenter = load_segmenter(args.model, device, dtype)
+            segmenter = load_segmenter(args.model, device, dtype, args.model_step)
             check_prompts(segmenter.processor, args.prompts)
-            log(f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}")
+            log(
+                f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}, "
+                f"step per frame: {segmenter.model_step}"
+            )
             log(describe_device(device, dtype))
 
         complete: list[Video] = []

@@ -17,14 +17,16 @@ import torch
 
 from sam3_pipeline.hub import must_load_from_cache
 from sam3_pipeline.messages import UsageError, one_line
+from sam3_pipeline.model_step import FAST, apply_model_step, frames_read_back, prune_session
 from sam3_pipeline.stages import StageTimes
 from sam3_pipeline.video_io import SampledFrame
 
 MAX_PROMPT_TOKENS = 32  # SAM3's text encoder pads every prompt to exactly this many tokens
 
-# Frames per SAM3 session. Memory grows linearly within a session: measured at full size in
-# bfloat16, 74 MB per frame with 20 objects (10.0 GB peak at 100 frames, 17.4 GB at 200), and 100
-# was the fastest of 50/100/200 (docs/performance.md).
+# Frames per SAM3 session: the unit of work. With transformers' own step memory grows linearly
+# within a session (full size, bfloat16: 74 MB per frame with 20 objects, 10.0 GB peak at 100
+# frames, 17.4 GB at 200), and 100 was the fastest of 50/100/200 (docs/performance.md); the fast
+# step keeps the session flat (model_step.prune_session).
 DEFAULT_CHUNK_FRAMES = 100
 MATCH_IOU = 0.3  # least mask IoU, on the frame two windows share, to keep an object's ID
 
@@ -61,6 +63,7 @@ class Segmenter:
     device: torch.device
     dtype: torch.dtype
     postprocessing: str  # whose NMS and hole filling SAM3 runs with: "kernels" or "local"
+    model_step: str = FAST  # model_step.FAST (ours) or STOCK (transformers' own step per frame)
 
 
 class LocalCvUtils:
@@ -131,9 +134,10 @@ def enable_sam3_postprocessing() -> str:
     return "local" if isinstance(sam3.cv_utils_kernel, LocalCvUtils) else "kernels"
 
 
-def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) -> Segmenter:
+def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype, model_step: str = FAST) -> Segmenter:
     """Load SAM3 once. A local directory loads offline; a Hub ID is checked first (`hub.must_load_from_cache`:
-    one request, a clear line on failure), then uses HF_TOKEN for the gated checkpoint."""
+    one request, a clear line on failure), then uses HF_TOKEN for the gated checkpoint. `model_step`:
+    see `model_step.choose_model_step`."""
     from transformers import Sam3VideoModel, Sam3VideoProcessor
 
     looks_like_path = model_name.startswith((os.sep, ".", "~")) or model_name.count("/") > 1
@@ -150,7 +154,8 @@ def load_segmenter(model_name: str, device: torch.device, dtype: torch.dtype) ->
         hint = " (from the local cache only, which holds part of the download)" if from_cache else ""
         raise UsageError(f"cannot load model {model_name}: {one_line(error)}{hint}") from None
     postprocessing = enable_sam3_postprocessing()
-    return Segmenter(model.to(device).eval(), processor, model_name, device, dtype, postprocessing)
+    step = apply_model_step(model_step, model)
+    return Segmenter(model.to(device).eval(), processor, model_name, device, dtype, postprocessing, step)
 
 
 def check_prompts(processor: Any, prompts: Sequence[str]) -> None:
@@ -320,6 +325,24 @@ def detections_from(output: SessionOutput, size: tuple[int, int]) -> Detections:
     )
 
 
+def open_session(segmenter: Segmenter, prompts: Sequence[str]) -> Any:
+    """A fresh streaming SAM3 session (transformers' `Sam3VideoInferenceSession`) with `prompts`."""
+    session = segmenter.processor.init_video_session(inference_device=segmenter.device, dtype=segmenter.dtype)
+    segmenter.processor.add_text_prompt(session, list(prompts))
+    return session
+
+
+def track_frame(segmenter: Segmenter, session: Any, frame_idx: int, pixels: torch.Tensor) -> Any:
+    """SAM3's step on the session's next frame, `pixels` (3, S, S) from `prepare_frames`; returns
+    `Sam3VideoSegmentationOutput`. Call under `torch.inference_mode()`."""
+    session.add_new_frame(pixels, frame_idx=frame_idx)
+    output = segmenter.model(inference_session=session, frame_idx=frame_idx)
+    session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
+    if segmenter.model_step == FAST:
+        prune_session(session, frame_idx, frames_read_back(segmenter.model))
+    return output
+
+
 def session_outputs(
     segmenter: Segmenter, frames: Iterable[PreparedFrame], prompts: Sequence[str], times: StageTimes
 ) -> Iterator[tuple[PreparedFrame, SessionOutput]]:
@@ -329,19 +352,15 @@ def session_outputs(
     frames up front, so they are not all decoded at once. Like that iterator, outputs are held
     back `hotstart_delay` frames so that SAM3 can drop spurious objects before they are drawn.
     """
-    model, processor = segmenter.model, segmenter.processor
-    session = processor.init_video_session(inference_device=segmenter.device, dtype=segmenter.dtype)
-    processor.add_text_prompt(session, list(prompts))
+    session = open_session(segmenter, prompts)
     pending: deque[tuple[PreparedFrame, Any]] = deque()
-    delay = max(int(model.hotstart_delay), 1)
+    delay = max(int(segmenter.model.hotstart_delay), 1)
     # Inference mode is entered per call, never held across a `yield`: a generator left suspended
     # (its video failed further down) would otherwise leave it switched on, and restore it out of
     # turn when collected, in the middle of the next video's session.
     for frame_idx, frame in enumerate(frames):
         with times.measure("sam3"), torch.inference_mode():
-            session.add_new_frame(frame.pixels, frame_idx=frame_idx)
-            output = model(inference_session=session, frame_idx=frame_idx)
-            session.hotstart_removed_obj_ids.update(output.removed_obj_ids)
+            output = track_frame(segmenter, session, frame_idx, frame.pixels)
         pending.append((frame, output))
         if len(pending) >= delay:
             frame, output = pending.popleft()

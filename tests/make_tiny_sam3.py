@@ -36,10 +36,27 @@ TEXT_CONTEXT = 32  # the processor pads every prompt to 32 tokens
 START_TOKEN_ID, END_TOKEN_ID = 512, 513
 
 
-def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1, det_nms_thresh: float = 0.0) -> Sam3VideoConfig:
+# The full-size SAM3's layer counts (`Sam3VideoConfig()`'s defaults), for `full_depth`.
+FULL_DEPTH = {
+    "backbone_layers": 32,
+    "global_attn_indexes": [7, 15, 23, 31],
+    "detr_layers": 6,
+    "geometry_layers": 3,
+    "tracker_decoder_layers": 2,
+    "memory_attention_layers": 4,
+    "memory_fuser_layers": 2,
+    "num_maskmem": 7,
+}
+
+
+def tiny_config(
+    num_prompts: int = 2, objects_per_prompt: int = 1, det_nms_thresh: float = 0.0, full_depth: bool = False
+) -> Sam3VideoConfig:
     """A SAM3 video config small enough for CPU tests; each prompt yields `objects_per_prompt`
     objects per frame (one detection query each). The random queries of one prompt find the same
-    blob, so with `det_nms_thresh` > 0 SAM3's detection NMS leaves one of them."""
+    blob, so with `det_nms_thresh` > 0 SAM3's detection NMS leaves one of them. `full_depth`: the
+    full-size model's layer counts and memory frames at the tiny widths, so that a frame runs the
+    same operations as the full model's, cheaply (for counting them)."""
     attention = {"num_attention_heads": 2, "intermediate_size": MLP}
     backbone = {
         "model_type": "sam3_vit_model",
@@ -109,6 +126,17 @@ def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1, det_nms_thres
         "memory_fuser_intermediate_dim": MLP,
         "memory_fuser_num_layers": 1,
     }
+    if full_depth:
+        backbone.update(
+            num_hidden_layers=FULL_DEPTH["backbone_layers"], global_attn_indexes=FULL_DEPTH["global_attn_indexes"]
+        )
+        for part in ("detr_encoder_config", "detr_decoder_config"):
+            detector[part]["num_layers"] = FULL_DEPTH["detr_layers"]
+        detector["geometry_encoder_config"]["num_layers"] = FULL_DEPTH["geometry_layers"]
+        tracker["mask_decoder_config"]["num_hidden_layers"] = FULL_DEPTH["tracker_decoder_layers"]
+        tracker["memory_attention_num_layers"] = FULL_DEPTH["memory_attention_layers"]
+        tracker["memory_fuser_num_layers"] = FULL_DEPTH["memory_fuser_layers"]
+        tracker["num_maskmem"] = FULL_DEPTH["num_maskmem"]
     return Sam3VideoConfig(
         detector_config=detector,
         tracker_config=tracker,
@@ -123,11 +151,16 @@ def tiny_config(num_prompts: int = 2, objects_per_prompt: int = 1, det_nms_thres
 
 
 def tiny_model(
-    num_prompts: int = 2, objects_per_prompt: int = 1, seed: int = 0, det_nms_thresh: float = 0.0
+    num_prompts: int = 2,
+    objects_per_prompt: int = 1,
+    seed: int = 0,
+    det_nms_thresh: float = 0.0,
+    full_depth: bool = False,
 ) -> Sam3VideoModel:
     """A random tiny SAM3 video model, in eval mode, that emits `objects_per_prompt` objects per prompt."""
     torch.manual_seed(seed)
-    return report_objects(Sam3VideoModel(tiny_config(num_prompts, objects_per_prompt, det_nms_thresh)).eval())
+    config = tiny_config(num_prompts, objects_per_prompt, det_nms_thresh, full_depth)
+    return report_objects(Sam3VideoModel(config).eval())
 
 
 def report_objects(model: Sam3VideoModel) -> Sam3VideoModel:
