@@ -1,14 +1,16 @@
 """SAM3's step per frame with fewer operations, fewer host waits and a session that stays flat.
 
-Three changes to transformers' own step, each giving the same objects, scores and masks
-(tests/test_model_step.py): the tracker runs its objects in one batch (`track_objects_together`),
-the detection-to-track association and the detector's coordinate grid stop reading values back
-from the device one at a time (`associate_on_the_host`, `remember_coords`), and the session drops
-what no later frame reads (`prune_session`). They reach into transformers' SAM3 internals, so
-they are checked against the version they were written for (`CHECKED_TRANSFORMERS`) and the
-names they use: on another version, or where a name is missing, transformers' own step runs and
-one warning line says so. `--model-step stock` asks for transformers' own step outright.
-`bench/model_step.py` measures what each saves (docs/performance.md).
+Four changes to transformers' own step, each giving the same objects, scores and thresholded
+masks (tests/test_model_step.py): the tracker runs its objects in one batch
+(`track_objects_together`), the detector runs every prompt in one batch
+(`detect_all_prompts_at_once`), the detection-to-track association and the detector's coordinate
+grid stop reading values back from the device one at a time (`associate_on_the_host`,
+`remember_coords`), and the session drops what no later frame reads (`prune_session`). They reach
+into transformers' SAM3 internals, so they are checked against the version they were written for
+(`CHECKED_TRANSFORMERS`) and the names they use: on another version, or where a name is missing,
+transformers' own step runs and one warning line says so. `--model-step stock` asks for
+transformers' own step outright. `bench/model_step.py` measures what they save
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ SESSION_FIELDS = (
     "frames_tracked_per_obj", "cache",
 )  # fmt: skip
 TRACKER_CONFIG_FIELDS = ("num_maskmem", "max_object_pointers_in_encoder")
-# What the association on the host reads of `Sam3VideoModel`, and the detector's method it replaces.
+# What the association on the host and the one detector pass read or replace of `Sam3VideoModel`.
 MODEL_FIELDS = (
     "_associate_det_trk", "assoc_iou_thresh", "trk_assoc_iou_thresh", "new_det_thresh", "high_conf_thresh",
-    "high_iou_thresh",
+    "high_iou_thresh", "run_detection", "det_nms_thresh", "score_threshold_detection",
 )  # fmt: skip
 # The tracker's own steps that the batched one is built from, called as they are.
 TRACKER_METHODS = (
@@ -88,6 +90,7 @@ def apply_model_step(requested: str, model: Any) -> str:
         model._associate_det_trk = functools.partial(associate_on_the_host, model)
         decoder = model.detector_model.detr_decoder
         decoder._get_coords = remember_coords(decoder._get_coords)
+        model.run_detection = functools.partial(detect_all_prompts_at_once, model)
     return step
 
 
@@ -276,6 +279,64 @@ def mask_heads(
         "high_res_masks": high_res_masks,
         "object_score_logits": object_score_logits,
     }
+
+
+def detect_all_prompts_at_once(
+    model: Any, inference_session: Any, vision_embeds: Any
+) -> dict[int, dict[str, torch.Tensor]]:
+    """`Sam3VideoModel.run_detection` with every prompt in one batch through the detector.
+
+    transformers runs the detector (DETR encoder and decoder, mask decoder: 1,020 operations at
+    full depth) once per prompt on the same frame's features. Here the prompts' text embeddings
+    (all padded to the same 32 tokens) go through it together against the frame's features
+    repeated per prompt; each prompt's detections are then picked exactly as transformers picks
+    them. Returns {prompt ID: {"bbox", "mask", "scores"}}, as transformers' does.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.sam3_video.modeling_sam3_video import nms_masks
+
+    session = inference_session
+    prompt_ids = list(session.prompts.keys())
+    if len(prompt_ids) < 2:
+        return type(model).run_detection(model, session, vision_embeds)
+    for prompt_id in prompt_ids:
+        if prompt_id not in session.prompt_embeddings:
+            session.prompt_embeddings[prompt_id] = model.detector_model.get_text_features(
+                input_ids=session.prompt_input_ids[prompt_id],
+                attention_mask=session.prompt_attention_masks[prompt_id],
+                return_dict=True,
+            )
+    texts = [session.prompt_embeddings[prompt_id] for prompt_id in prompt_ids]
+    count = len(prompt_ids)
+    repeated = type(vision_embeds)(
+        last_hidden_state=vision_embeds.last_hidden_state.expand(count, *vision_embeds.last_hidden_state.shape[1:]),
+        fpn_hidden_states=tuple(x.expand(count, *x.shape[1:]) for x in vision_embeds.fpn_hidden_states),
+        fpn_position_encoding=tuple(x.expand(count, *x.shape[1:]) for x in vision_embeds.fpn_position_encoding),
+    )
+    outputs = model.detector_model(
+        vision_embeds=repeated,
+        text_embeds=BaseModelOutputWithPooling(pooler_output=torch.cat([text.pooler_output for text in texts])),
+        attention_mask=torch.cat([session.prompt_attention_masks[prompt_id] for prompt_id in prompt_ids]),
+    )
+    all_probs = outputs.pred_logits.sigmoid() * outputs.presence_logits.sigmoid()
+    detections = {}
+    for row, prompt_id in enumerate(prompt_ids):
+        probs, masks = all_probs[row : row + 1], outputs.pred_masks[row : row + 1]
+        if model.det_nms_thresh > 0.0:
+            keep = nms_masks(
+                pred_probs=probs[0],
+                pred_masks=masks[0],
+                prob_threshold=model.score_threshold_detection,
+                iou_threshold=model.det_nms_thresh,
+            )
+            probs[0][~keep] = 0.0
+        kept = torch.where(probs > model.score_threshold_detection)
+        detections[prompt_id] = {
+            "bbox": outputs.pred_boxes[row : row + 1][kept[0], kept[1]],
+            "mask": masks[kept[0], kept[1]],
+            "scores": probs[kept[0], kept[1]],
+        }
+    return detections
 
 
 def associate_on_the_host(
