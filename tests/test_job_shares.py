@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import PROMPTS, yaml_task
 
+from sam3_pipeline import gpu_share
+
 # Name -> seconds. Names sort against durations, so cutting the sorted list into equal counts
 # (the upstream example's way) would give one share 10 s and another 3 s.
 CLIPS = {"a1": 4, "a2": 3, "a3": 3, "b1": 2, "b2": 2, "b3": 2, "c1": 1, "c2": 1, "c3": 1}
@@ -166,3 +168,47 @@ def test_a_video_dir_without_videos_stops_the_job_in_one_line(tmp_path, run_bloc
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(videos) in errors[0], output[-3000:]
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def result_files(output_dir: Path) -> dict[str, bytes]:
+    """Each video's overlay, tracks and MOT file, by path under the output folder."""
+    patterns = ("*/*_segmented.mp4", "*/*_tracks.jsonl", "*/*_mot.txt")
+    return {str(p.relative_to(output_dir)): p.read_bytes() for pattern in patterns for p in output_dir.glob(pattern)}
+
+
+@pytest.mark.slow
+def test_two_processes_on_the_gpu_give_the_outputs_of_one(tmp_path, make_video, run_block):
+    videos = make_clips(tmp_path / "videos", FEW_CLIPS, make_video)  # a1 is 2 windows of 3 frames
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out-{processes}"
+        status, output = run_block(
+            "sam3-job.yaml", out, VIDEO_DIR=str(videos), CHUNK_FRAMES="3", PROCESSES_PER_GPU=str(processes)
+        )
+        assert status == 0, output[-3000:]
+        assert summary_counts(out) == {"done": len(FEW_CLIPS), "partial": 0, "failed": 0, "missing": 0}
+        runs[processes] = (result_files(out), output)
+    assert len(runs[1][0]) == 3 * len(FEW_CLIPS)
+    assert runs[2][0] == runs[1][0], "the same files, byte for byte"
+    shares = re.findall(r"shard (\d)/(\d): ", runs[2][1])
+    assert sorted(shares) == [("0", "2"), ("1", "2")], runs[2][1][-3000:]
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_processes_per_gpu_that_is_not_a_whole_number_stops_the_job_in_one_line(tmp_path, run_block, value):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    status, output = run_block("sam3-job.yaml", tmp_path / "out", VIDEO_DIR=str(videos), PROCESSES_PER_GPU=value)
+    assert status == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: PROCESSES_PER_GPU={value}: give a whole number of 1 or more"], output[-3000:]
+
+
+def test_processes_per_gpu_beyond_the_free_memory_are_refused_naming_what_fits():
+    each = gpu_share.process_gb(chunk_frames=100, objects=25)
+    assert gpu_share.refusal(2, 100, 25, free_gb=45.0) is None  # an L40S's 48 GB, less the driver's
+    reason = gpu_share.refusal(12, 100, 25, free_gb=45.0)
+    assert reason.startswith("PROCESSES_PER_GPU=12: ") and f"use PROCESSES_PER_GPU={int(45 * 0.9 // each)}" in reason
+    assert gpu_share.refusal(1, 100, 25, free_gb=2.0).endswith("the GPU has 2.0 GB free")
+    assert gpu_share.process_gb(100, 25) == gpu_share.process_gb(17, 25), "the fast step keeps 17 frames"
+    assert gpu_share.process_gb(100, 50) > each

@@ -177,12 +177,16 @@ def test_single_yaml_setup_same_as_pool(facts):
     assert single["storage_mounts"] == pool["storage_mounts"]
 
 
+JOB_ONLY_ENVS = ("BUCKET_LAG", "PROCESSES_PER_GPU", "OBJECTS_PER_FRAME")
+
+
 def test_single_yaml_envs_same_defaults_as_job(facts):
-    """BUCKET_LAG aside: a single node has no other job whose files it waits for."""
+    """The pool's envs aside: a single node has no other job whose files it waits for, and runs
+    one process for a first look."""
     job, single = ok(facts, "job"), ok(facts, "single")
-    envs = {key: value for key, value in job["envs"].items() if key != "BUCKET_LAG"}
+    envs = {key: value for key, value in job["envs"].items() if key not in JOB_ONLY_ENVS}
     assert {key: single["envs"].get(key) for key in envs} == envs
-    assert "BUCKET_LAG" in job["envs"] and "BUCKET_LAG" not in single["envs"]
+    assert all(key in job["envs"] and key not in single["envs"] for key in JOB_ONLY_ENVS)
 
 
 @pytest.mark.parametrize(
