@@ -26,7 +26,7 @@ Usage:
                                                # GPU: 201 frames at --chunk-frames 100 (also
                                                # --serial), 200, 50
   python bench/benchmark.py --full-size --smoke           # one frame on the CPU: the CI smoke run
-  bash bench/gpu_check.sh                                 # the GPU run on a lent machine, offline
+  PIPELINE=1 bash bench/gpu_check.sh                      # the GPU run on a lent machine, offline
 """
 
 from __future__ import annotations

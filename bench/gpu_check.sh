@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The full-size SAM3 (random weights) on a lent GPU, offline: frames/s, peak GPU memory and GPU
-# utilization at --chunk-frames 100 (stages side by side, then --serial), 200 and 50 (201 sampled
-# 720p frames, 20 objects), then 10 objects.
+# The GPU study of SAM3's step per frame (bench/gpu_study.py) on a lent GPU, offline: transformers'
+# step against ours at 10 and 20 objects (frames/s, peak memory, GPU use, CUDA's sync count), one
+# frame split into backbone, detector, tracker and the rest, torch.compile tried once, and 1, 2
+# and 3 processes side by side; the full-size SAM3 with random weights in bfloat16.
 # Needs the wheels in .whl/ (transformers 5.24, av, pycocotools; see below); writes results.json,
-# table.md, console.log and one log per run (a line per frame) under $OUT.
+# table.md and console.log under $OUT. About 7 minutes on an H200 (the study stops at 8).
+# PIPELINE=1 then also runs the pipeline benchmark (bench/benchmark.py --full-size: --chunk-frames
+# 100 side by side and --serial, 200 and 50) within BUDGET_S more seconds.
 #
-# Usage (repo root, on the GPU machine; at most ~7 minutes: runs that would pass BUDGET_S are skipped):
-#   OUT=/tmp/out bash bench/gpu_check.sh [extra bench/benchmark.py options]
+# Usage (repo root, on the GPU machine):
+#   OUT=/tmp/out bash bench/gpu_check.sh
+#   SMALL=1 OUT=/tmp/out bash bench/gpu_check.sh   # the rehearsal on a CPU: the tiny SAM3, no wheels
 #
 # The wheels, fetched beforehand on a machine with registry access:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -15,9 +19,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
-BUDGET_S=${BUDGET_S:-330}  # seconds; the benchmark skips runs that would end later (the first always runs)
+BUDGET_S=${BUDGET_S:-330}  # seconds for PIPELINE=1; the benchmark skips runs that would end later
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+if [ -n "${SMALL:-}" ]; then
+  python3 bench/gpu_study.py --small --out "$OUT" 2>&1 | tee "$OUT/console.log"
+  exit 0
+fi
 
 echo "== GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -44,13 +53,17 @@ import av, cv2, pycocotools.mask, torchvision  # noqa: E401  fail here, in secon
 from transformers import Sam3VideoModel, Sam3VideoProcessor  # noqa: F401
 EOF
 
-echo "== benchmark (budget ${BUDGET_S} s)"
-timeout --signal=TERM --kill-after=20 $((BUDGET_S + 60)) \
-    python3 bench/benchmark.py --full-size --device cuda --dtype bfloat16 \
-    --objects 20 10 --chunk-frames 100 200 50 --frames 201 --deadline "$BUDGET_S" \
-    --cache-dir /tmp/sam3-bench --json "$OUT/results.json" --log-dir "$OUT/logs" "$@" \
-    2>&1 | tee "$OUT/console.log" || status=$?
-# the table, also when the run was cut short (results.json is rewritten after every run)
-python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("table", "no table: see results.json"))' \
-    "$OUT/results.json" >"$OUT/table.md" || true
-exit "${status:-0}"
+echo "== the study (at most 8 minutes)"
+status=0
+timeout --signal=TERM --kill-after=20 480 python3 bench/gpu_study.py --out "$OUT" 2>&1 | tee "$OUT/console.log" \
+  || status=$?
+
+if [ -n "${PIPELINE:-}" ]; then
+  echo "== pipeline benchmark (budget ${BUDGET_S} s)"
+  timeout --signal=TERM --kill-after=20 $((BUDGET_S + 60)) \
+      python3 bench/benchmark.py --full-size --device cuda --dtype bfloat16 \
+      --objects 20 10 --chunk-frames 100 200 50 --frames 201 --deadline "$BUDGET_S" \
+      --cache-dir /tmp/sam3-bench --json "$OUT/pipeline.json" --log-dir "$OUT/logs" \
+      2>&1 | tee "$OUT/pipeline.log" || status=$?
+fi
+exit "$status"

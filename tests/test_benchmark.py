@@ -1,12 +1,14 @@
-"""bench/benchmark.py in its small modes, so that the benchmark cannot rot unnoticed."""
+"""The benchmarks in their small modes, so that none can rot unnoticed."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +91,28 @@ def test_tracks_reader_benchmark_reads_every_mask_of_a_file_it_writes():
     result = json.loads(completed.stdout)
     assert result["frames"] == 20 and result["objects"] == 500
     assert result["mask_pixels"] > 500 * 78 and result["peak_rss_mb"] > 0  # every mask decoded (a ball is ~78 px)
+
+
+@pytest.mark.slow
+def test_the_gpu_study_rehearsed_on_the_cpu_fills_every_part_of_its_table(tmp_path):
+    venv = Path(sys.executable).parent  # gpu_check.sh runs python3 from PATH
+    env = {**os.environ, "SMALL": "1", "OUT": str(tmp_path), "PATH": f"{venv}:{os.environ['PATH']}"}
+    completed = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    speed = {(row["step"], row["objects"]): row for row in results["speed"]}
+    assert set(speed) == {(step, objects) for step in ("stock", "fast") for objects in (10, 20)}
+    assert all(row["objects_seen"] == objects for (_, objects), row in speed.items())
+    assert all(row["frames_per_second"] > 0 and row["peak_memory_mb"] > 100 for row in speed.values())
+    phases = results["phases"]
+    for kind in ("profiled", "wall"):
+        parts = [phases[f"{phase}_{kind}_ms"] for phase in ("backbone", "detector", "tracker")]
+        assert all(part > 0 for part in parts) and sum(parts) < phases[f"frame_{kind}_ms"]
+    assert [row["name"] for row in results["processes"]] == ["1 side by side", "2 side by side"]
+    assert all(row["frames_per_second"] > 0 for row in results["processes"]), results["processes"]
+    table = (tmp_path / "table.md").read_text()
+    assert "x86_64" in table and "transformers 5.24.0" in table, "the machine and versions"
+    assert "| compiled | - | - | not run on the CPU" in table
