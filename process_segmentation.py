@@ -44,7 +44,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,6 @@ from tqdm import tqdm
 from sam3_pipeline.assembly import assemble_and_record
 from sam3_pipeline.dataset import Unit, Video, assign_units, collect_videos
 from sam3_pipeline.device import (
-    DTYPES,
     choose_device,
     choose_dtype,
     describe_device,
@@ -64,7 +63,7 @@ from sam3_pipeline.device import (
 )
 from sam3_pipeline.files import now_iso, read_record, write_json
 from sam3_pipeline.messages import UsageError, VideoError, log, one_line, redact
-from sam3_pipeline.model_step import FAST, MODEL_STEPS
+from sam3_pipeline.options import parse_args
 from sam3_pipeline.outputs import (
     check_output_dir,
     completed_metadata,
@@ -72,28 +71,24 @@ from sam3_pipeline.outputs import (
     output_problems,
     remove_dead_scratch,
     remove_stale_partials,
-    scratch_dir,
     source_change,
     written_within,
 )
 from sam3_pipeline.progress import ENDED, JOBS_FOLDER, WAITING, JobLog, launch_plan
 from sam3_pipeline.sam3 import (
-    DEFAULT_CHUNK_FRAMES,
     ModelFrame,
     Segmenter,
     check_prompts,
-    detections_from,
     load_segmenter,
     model_frames,
     prepare_frames,
     shared_position,
-    window_of,
 )
 from sam3_pipeline.stages import ChildProcess, RunAhead, StageTimes
 from sam3_pipeline.summary import summarize
+from sam3_pipeline.unit_outputs import WindowBound, draw_and_record, unit_items
 from sam3_pipeline.video_io import (
     DecodeReport,
-    SampledFrame,
     VideoInfo,
     display_rotation,
     output_rate,
@@ -105,7 +100,6 @@ from sam3_pipeline.video_io import (
 from sam3_pipeline.windows import (
     WINDOWS_FOLDER,
     BrokenWindows,
-    WindowWriter,
     complete_run,
     computed_by,
     done_windows,
@@ -115,303 +109,17 @@ from sam3_pipeline.windows import (
     window_count,
 )
 
-DEFAULT_MODEL = "facebook/sam3"
-DEFAULT_PROMPTS = ("soccer player", "ball")
-DEFAULT_SAMPLE_FPS = Fraction(1)
-# Frames further apart than this share nothing for SAM3 to track: one per hour is already a series
-# of stills. Below it a typo (0.0004 for 0.04) would quietly process almost nothing.
-MIN_SAMPLE_FPS = Fraction(1, 3600)
 # Frames waiting between two stages: enough to ride out one slow frame, few enough that memory
 # stays flat (a 720p frame with SAM3's input is ~15 MB; its 20 objects' logits ~7 MB).
 STAGE_QUEUE_DEPTH = 4
 # A video that the system fails to read (a bucket mount's I/O error) is tried again 0.5, 1, 2 and 4 s later.
 PROBE_ATTEMPTS, PROBE_RETRY_SECONDS = 5, 0.5
-# How late one worker sees another's writes in the output folder: SkyPilot's MOUNT_CACHED bucket
-# shows them after rclone's upload and the reader's 10 s directory cache, 10-20 s (`--bucket-lag`).
-DEFAULT_BUCKET_LAG = 30.0
 POLL_SECONDS = 5.0  # how often a job that waits for other jobs' windows looks again
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def default_output_dir() -> Path:
-    """Under /outputs when it exists (the bucket mounted by the SkyPilot YAMLs), else here."""
-    outputs = Path("/outputs")
-    return outputs / "segmentation_results" if outputs.is_dir() else Path("segmentation_results")
-
-
 class PlanError(Exception):
     """A video this job cannot read where other jobs may: it cannot make the split they make."""
-
-
-def seconds(text: str) -> float:
-    """--bucket-lag: seconds, from 0 to an hour."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
-    return value
-
-
-def sample_rate(text: str) -> Fraction:
-    """--sample-fps: a decimal or a fraction ("0.5", "30000/1001"), kept exact so that the rate
-    sampled, the MP4's frame rate and the one recorded are the same number."""
-    try:
-        rate = Fraction(text.strip())
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
-    # FFmpeg keeps rates as 32-bit fractions; a microsecond-exact rate is plenty.
-    return rate.limit_denominator(1_000_000)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Text-prompted video segmentation with SAM3: overlay MP4 + metadata JSON per video.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "inputs", nargs="*", type=Path, help="video files or folders of videos (searched recursively)"
-    )
-    parser.add_argument("--output-dir", type=Path, default=default_output_dir(), help="where results go")
-    parser.add_argument(
-        "--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="text prompts, one object class each"
-    )
-    parser.add_argument(
-        "--sample-fps",
-        type=sample_rate,
-        default=DEFAULT_SAMPLE_FPS,
-        help="frames per second of video time to process, a decimal or fraction (30000/1001); "
-        "at least 1/3600 (one per hour); 0 = every frame",
-    )
-    parser.add_argument(
-        "--max-frames",
-        type=int,
-        default=0,
-        help="stop each video after this many sampled frames; 0 = no limit",
-    )
-    parser.add_argument(
-        "--chunk-frames",
-        type=int,
-        default=DEFAULT_CHUNK_FRAMES,
-        help="sampled frames per window: one SAM3 session (bounds memory) and the unit of work",
-    )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model ID or local directory")
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto = cuda when available, else cpu with a warning; cuda = fail at once without a usable GPU",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", *DTYPES),
-        default="auto",
-        help="model precision; auto = bfloat16 on GPUs that support it, else float32",
-    )
-    parser.add_argument(
-        "--model-step",
-        choices=MODEL_STEPS,
-        default=FAST,
-        help="fast = SAM3's step per frame with our changes to transformers' (docs/how-it-works.md), which fall "
-        "back to stock with a warning on a transformers they were not checked against; stock = transformers' own",
-    )
-    parser.add_argument(
-        "--check-device",
-        action="store_true",
-        help="process nothing; print the device and precision a run would use, or why it cannot (exit 2)",
-    )
-    parser.add_argument(
-        "--serial",
-        action="store_true",
-        help="decode, run SAM3 and write outputs one after another in one thread rather than side by side "
-        "(the same outputs, slower; for comparison)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="redo videos whose results are already complete"
-    )
-    parser.set_defaults(tracks=True)  # not the flag's own default: --help would print "(default: True)"
-    parser.add_argument(
-        "--no-tracks",
-        dest="tracks",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="skip the per-frame tracks (JSONL with COCO RLE masks, MOT text)",
-    )
-    parser.add_argument(
-        "--shard-index", type=int, default=0, help="which share of all videos' windows this process computes (0-based)"
-    )
-    parser.add_argument("--num-shards", type=int, default=1, help="how many shares the windows are split into")
-    parser.add_argument(
-        "--bucket-lag",
-        type=seconds,
-        default=DEFAULT_BUCKET_LAG,
-        metavar="SECONDS",
-        help="with --num-shards > 1: how late other jobs' writes to --output-dir may show here (a SkyPilot "
-        "MOUNT_CACHED bucket: 10-20 s). The job waits this long at its end, assembling the videos that other jobs' "
-        "last windows complete; a result younger than this that misses a file is still arriving, not redone",
-    )
-    parser.add_argument(
-        "--summarize",
-        type=Path,
-        metavar="DIR",
-        help="run no model; assemble videos whose windows are all done, then write DIR/summary.json and "
-        "DIR/summary.csv (done / partial / failed / missing per video) and the results page DIR/index.html. "
-        "INPUTs, if given, are the videos expected in DIR",
-    )
-    args = parser.parse_args(argv)
-    if not args.inputs and args.summarize is None and not args.check_device:
-        parser.error("the following arguments are required: inputs (or --summarize DIR, or --check-device)")
-    if args.max_frames < 0:
-        parser.error(f"--max-frames must be 0 or more, got {args.max_frames}")
-    if args.chunk_frames < 2:
-        parser.error(f"--chunk-frames must be 2 or more (windows share one frame), got {args.chunk_frames}")
-    if args.sample_fps < 0 or 0 < args.sample_fps < MIN_SAMPLE_FPS:
-        parser.error(
-            f"--sample-fps must be 0 (every frame) or at least {MIN_SAMPLE_FPS} (one frame per hour), "
-            f"got {float(args.sample_fps):g}"
-        )
-    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
-        parser.error(
-            f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}"
-        )
-    if args.num_shards == 1:  # no other job writes into the output folder: nothing of another's is on its way
-        args.bucket_lag = 0.0
-    args.prompts = [" ".join(prompt.split()) for prompt in args.prompts]
-    if not all(args.prompts):
-        parser.error("--prompts must not contain empty text")
-    if len(set(args.prompts)) != len(args.prompts):
-        parser.error(f"--prompts has duplicates: {args.prompts}")
-    return args
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowTimes:
-    """Sent to the outputs stage after a window's last frame: this process's seconds on it (the
-    decode thread runs a few frames ahead, so the split between windows is approximate)."""
-
-    window: int
-    stage_seconds: dict[str, float]
-    frames_decoded: int  # by the unit so far, sampled or not
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitEnd:
-    """Sent to the outputs stage last: how the unit's stretch of video ended."""
-
-    final: bool  # the video ended (not just the unit's last window)
-    last_window: int  # the window of the last frame read
-    decode_error: str | None
-
-
-class WindowBound:
-    """Samples up to the end of window `last` (None: to the end of the video), noting where they
-    stopped: `final` when the video ended first."""
-
-    def __init__(self, samples: Iterable[SampledFrame], last: int | None, chunk_frames: int) -> None:
-        self.samples, self.last, self.chunk_frames = samples, last, chunk_frames
-        self.final = True
-        self.last_window = 0
-
-    def __iter__(self) -> Iterator[SampledFrame]:
-        for sample in self.samples:
-            window = window_of(sample.position, self.chunk_frames)
-            if self.last is not None and window > self.last:
-                self.final = False
-                return
-            self.last_window = window
-            yield sample
-
-
-def draw_and_record(
-    items: Iterable[ModelFrame | WindowTimes | UnitEnd],
-    folder: Path,
-    size: tuple[int, int],
-    fps: Fraction,
-    write_tracks: bool,
-    first_window: int,
-    skip: Container[int],
-    facts: dict[str, Any],
-    started: float,
-) -> list[dict[str, Any]]:
-    """The outputs stage of a unit: per frame, masks from SAM3's output, the overlay (encoded to
-    H.264) and the tracks, written window by window into the video's `windows/` folder, each
-    window's record last. Windows without frames of their own (a gap, or past the end of the
-    video) get a record too, so that nothing is waited for. size: (H, W) of every frame; started:
-    time.monotonic() when the unit began (the first window's seconds count from there, each
-    later one's from the end of the one before). Returns the records written."""
-    records: list[dict[str, Any]] = []
-    timing: dict[int, WindowTimes] = {}
-    writer: WindowWriter | None = None
-    next_window = first_window  # the first window without a record from this unit yet
-    ended = [started]  # when work on the last window ended
-    with scratch_dir() as scratch:
-
-        def publish(window: WindowWriter, final: bool, decode_error: str | None = None) -> None:
-            parent = timing.get(window.window)
-            if parent:  # this process's stages come first in the record, as in the pipeline
-                merged = collections.Counter(parent.stage_seconds)
-                merged.update(window.times.seconds)
-                window.times.seconds = merged
-            unit = {"final": final, "decode_error": decode_error, "frames_decoded": parent and parent.frames_decoded}
-            records.append(window.publish(folder, {**facts, **unit}))
-            ended.append(time.monotonic())
-
-        def new_window(window: int) -> WindowWriter:
-            return WindowWriter(window, Path(scratch), size, fps, write_tracks, StageTimes(), ended[-1])
-
-        for item in items:
-            if isinstance(item, WindowTimes):
-                timing[item.window] = item
-                continue
-            if isinstance(item, UnitEnd):
-                last = max(item.last_window, first_window)
-                ending = {"final": item.final, "decode_error": item.decode_error}
-                if writer:
-                    publish(writer, **(ending if writer.window == last else {"final": False}))
-                for window in range(next_window, last + 1):
-                    if window not in skip:
-                        publish(new_window(window), **(ending if window == last else {"final": False}))
-                break
-            if writer is None or item.window != writer.window:
-                if writer:
-                    publish(writer, final=False)
-                for window in range(next_window, item.window):
-                    if window not in skip:
-                        publish(new_window(window), final=False)
-                writer, next_window = new_window(item.window), item.window + 1
-            with writer.times.measure("masks"):
-                detections = detections_from(item.output, size)
-            if item.shared:
-                writer.share(detections)
-            else:
-                writer.add(item.sample, detections)
-    return records
-
-
-def unit_items(
-    outputs: Iterable[ModelFrame], times: StageTimes, report: DecodeReport, bound: WindowBound
-) -> Iterator[ModelFrame | WindowTimes | UnitEnd]:
-    """SAM3's output for the outputs stage, each window followed by this process's time on it,
-    and the unit's end."""
-    window: int | None = None
-    mark = collections.Counter(times.seconds)
-
-    def window_times(window: int) -> WindowTimes:
-        nonlocal mark
-        now = collections.Counter(times.seconds)
-        spent = {stage: round(seconds, 3) for stage, seconds in (now - mark).items()}
-        mark = now
-        return WindowTimes(window, spent, report.frames_decoded)
-
-    for frame in outputs:
-        if window is not None and frame.window != window:
-            yield window_times(window)
-        window = frame.window
-        yield frame
-    if window is not None:
-        yield window_times(window)
-    yield UnitEnd(bound.final, bound.last_window, report.error)
 
 
 def recipe(video: Video, args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import process_segmentation as ps
+from sam3_pipeline import options
 from sam3_pipeline.dataset import assign_units, collect_videos
 from test_job_shares import snapshot
 from test_summary import FAILED, complete, lay_out, read_summary, run_cli
@@ -231,7 +232,7 @@ def test_output_folder_that_is_the_input_folder_gives_no_inputs(tmp_path, tiny_m
 
 def test_current_folder_with_the_default_output_folder(tmp_path, tiny_model_dir, make_video, monkeypatch, capsys):
     """`python process_segmentation.py .`, twice, where ./segmentation_results is the default."""
-    monkeypatch.setattr(ps, "default_output_dir", lambda: Path("segmentation_results"))  # as without /outputs
+    monkeypatch.setattr(options, "default_output_dir", lambda: Path("segmentation_results"))  # as without /outputs
     monkeypatch.chdir(make_dataset(tmp_path / "here", {"match": 1}, make_video))
     for _ in range(2):
         code, _, stderr = run_cli([".", "--model", tiny_model_dir, "--device", "cpu"], capsys)
