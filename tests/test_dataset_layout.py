@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import process_segmentation as ps
-from sam3_pipeline import options
+from sam3_pipeline import options, planning
 from sam3_pipeline.dataset import assign_units, collect_videos
 from test_job_shares import snapshot
 from test_summary import FAILED, complete, lay_out, read_summary, run_cli
@@ -316,13 +316,13 @@ def test_shares_do_not_change_when_a_duration_probe_fails_once(tmp_path, make_vi
 
     def shares() -> list[list[tuple[str, int]]]:
         found = collect_videos([videos], tmp_path / "out")
-        units = [unit for video in found for unit in ps.units_of(video, ps.plan_video(video, args), args)]
+        units = [unit for video in found for unit in planning.units_of(video, planning.plan_video(video, args), args)]
         shards = assign_units(units, 3)
         return [[(unit.video.key, unit.first) for unit, shard in zip(units, shards) if shard == rank] for rank in range(3)]
 
     everywhere = shares()
     assert sorted(key for share in everywhere for key, _ in share if _ == 0) == sorted(clips)
-    real_open = ps.av.open
+    real_open = planning.av.open
     failed = []
 
     def failing_open(file, *args, **kwargs):
@@ -331,6 +331,6 @@ def test_shares_do_not_change_when_a_duration_probe_fails_once(tmp_path, make_vi
             raise OSError(5, "Input/output error", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(ps.av, "open", failing_open)
+    monkeypatch.setattr(planning.av, "open", failing_open)
     assert shares() == everywhere
     assert failed, "the probe failed once"

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
-import process_segmentation as ps
 import sam3_pipeline.assembly
+from sam3_pipeline import computing
 from conftest import REPO, run_cli, segment, write_test_video
 from lagging_bucket import LaggingBucket
+from sam3_pipeline.outputs import output_problems
 from sam3_pipeline.progress import read_progress
 
 LAG = 10.0  # seconds before one worker's file shows in the others' views
@@ -63,7 +64,7 @@ def assert_bucket_whole_and_reported(bucket: Path, names: list[str]) -> None:
     for name in names:
         metadata = json.loads((bucket / name / f"{name}_metadata.json").read_text())
         assert metadata["status"] == "complete", name
-        assert ps.output_problems(bucket / name, metadata) == [], name
+        assert output_problems(bucket / name, metadata) == [], name
     summary = json.loads((bucket / "summary.json").read_text())
     assert summary["counts"] == {"done": len(names), "partial": 0, "failed": 0, "missing": 0}, summary["counts"]
     with (bucket / "summary.csv").open() as rows:
@@ -194,15 +195,15 @@ def test_a_result_that_lands_after_triage_is_not_deleted(tmp_path, finished, tin
     landing = {name: view / "v" / name for name in ("v_metadata.json", "v_segmented.mp4", "v_preview.jpg")}
     for path in landing.values():
         path.unlink()
-    computing = ps.process_unit
+    compute_unit = computing.process_unit
 
     def lands_meanwhile(unit, *args, **kwargs):
         if unit.video.key == "a":  # another worker's assembly of v shows up here now
             for name, path in landing.items():
                 shutil.copyfile(done / "v" / name, path)
-        return computing(unit, *args, **kwargs)
+        return compute_unit(unit, *args, **kwargs)
 
-    monkeypatch.setattr(ps, "process_unit", lands_meanwhile)
+    monkeypatch.setattr(computing, "process_unit", lands_meanwhile)
     arguments = ["--chunk-frames", "7", "--shard-index", "1", "--num-shards", "2", "--bucket-lag", "0"]
     code, stderr = run_cli(segment([videos], view, tiny_model_dir, *arguments), capsys)
     assert code == 0, stderr

@@ -15,9 +15,9 @@ import av
 import numpy as np
 import pytest
 
-import process_segmentation as ps
 from conftest import REPO, run_cli, segment, write_test_video
 from ffmpeg_tools import ffmpeg, require_ffmpeg
+from sam3_pipeline.outputs import output_problems
 from sam3_pipeline.sam3 import shared_position, window_of
 from sam3_pipeline.video_io import DecodeReport, sample_frames
 from sam3_pipeline.windows import window_count, window_positions
@@ -288,7 +288,7 @@ def test_two_processes_assembling_one_video_leave_one_whole_result(tmp_path, uni
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr.decode()[-2000:]
     metadata = json.loads((folder / "six_metadata.json").read_text())
-    assert ps.output_problems(folder, metadata) == []
+    assert output_problems(folder, metadata) == []
     for name in ("six_tracks.jsonl", "six_mot.txt", "six_segmented.mp4", "six_preview.jpg"):
         assert (folder / name).read_bytes() == (uninterrupted / name).read_bytes(), name
     assert not [p.name for p in out.rglob("*") if p.name.endswith(".partial")]
