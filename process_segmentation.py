@@ -32,7 +32,6 @@ video could not be read to plan the shares), 2 on a usage error.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import os
@@ -40,20 +39,20 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from sam3_pipeline.computing import compute_video, finished_meanwhile, record_failure, start_redo
+from sam3_pipeline.computing import Computation, compute_video, finished_meanwhile, record_failure, start_redo
 from sam3_pipeline.dataset import Video, assign_units, collect_videos
 from sam3_pipeline.device import choose_device, choose_dtype, describe_device, leave_a_core_free
 from sam3_pipeline.messages import UsageError, VideoError, log
-from sam3_pipeline.options import parse_args
+from sam3_pipeline.options import RunSettings, Share, parse_args
 from sam3_pipeline.outputs import check_output_dir, output_paths, remove_dead_scratch, remove_stale_partials
 from sam3_pipeline.planning import (
     PlanError,
     describe_units,
     planned_windows,
     recipe,
-    settings,
     triage,
     unit_windows,
     units_of,
@@ -67,22 +66,34 @@ from sam3_pipeline.windows import WINDOWS_FOLDER, done_windows, unit_done, windo
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def check_device(args: argparse.Namespace) -> int:
+def check_device(requested_device: str, requested_dtype: str) -> int:
     """--check-device: say what a run would compute on, or fail the way a run would."""
-    device = choose_device(args.device)
-    print(describe_device(device, choose_dtype(args.dtype, device)))
+    device = choose_device(requested_device)
+    print(describe_device(device, choose_dtype(requested_dtype, device)))
     return EXIT_OK
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    inputs: Sequence[Path],
+    output_dir: Path,
+    settings: RunSettings,
+    share: Share,
+    requested_device: str,
+    requested_dtype: str,
+    model_step: str,
+    serial: bool,
+    overwrite: bool,
+) -> int:
+    """Compute this job's share of the windows of the videos found in `inputs` into `output_dir`
+    and assemble every video whose windows are all there; returns the exit status."""
     started = time.time()
     # Before anything else: a worker that cannot see its GPU must fail now, not crawl for hours.
-    device = choose_device(args.device)
-    dtype = choose_dtype(args.dtype, device)
-    videos = collect_videos(args.inputs, args.output_dir)
-    paths_of = {video: output_paths(args.output_dir, video.key) for video in videos}
+    device = choose_device(requested_device)
+    dtype = choose_dtype(requested_dtype, device)
+    videos = collect_videos(inputs, output_dir)
+    paths_of = {video: output_paths(output_dir, video.key) for video in videos}
     try:
-        found = triage(videos, paths_of, args)
+        found = triage(videos, paths_of, settings, share, overwrite)
     except PlanError as error:  # a guess at the video's windows would move other videos' windows between jobs
         log(
             f"error: cannot read {error}; every job reads every video to make the same split, so this job "
@@ -90,42 +101,42 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     todo, plans = found.todo, found.plans
-    every_unit = [unit for video in videos for unit in units_of(video, plans[video], args)]
-    shards = assign_units(every_unit, args.num_shards)
-    share = [unit for unit, shard in zip(every_unit, shards, strict=True) if shard == args.shard_index]
-    planned = {video: window_count(plan and plan["positions"], args.chunk_frames) for video, plan in plans.items()}
-    for video in dict.fromkeys(unit.video for unit in share if unit.video not in todo):  # this job's share only
+    every_unit = [unit for video in videos for unit in units_of(video, plans[video], settings.chunk_frames)]
+    shards = assign_units(every_unit, share.count)
+    my_units = [unit for unit, shard in zip(every_unit, shards, strict=True) if shard == share.index]
+    planned = {video: window_count(plan and plan["positions"], settings.chunk_frames) for video, plan in plans.items()}
+    for video in dict.fromkeys(unit.video for unit in my_units if unit.video not in todo):  # this job's share only
         log(f"skip {video.path}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
-    units = [unit for unit in share if unit.video in todo]
-    if args.num_shards > 1:
+    units = [unit for unit in my_units if unit.video in todo]
+    if share.count > 1:
         count = len({unit.video for unit in units})
         windows = sum(len(unit_windows(unit, planned[unit.video])) for unit in units)
         frames = sum(unit.weight for unit in units)
         log(
-            f"shard {args.shard_index}/{args.num_shards}: {count} video{'s' * (count != 1)}, "
+            f"shard {share.index}/{share.count}: {count} video{'s' * (count != 1)}, "
             f"{windows} window{'s' * (windows != 1)}, ~{frames} sampled frames: "
             f"{describe_units(units, planned)}"
         )
-    check_output_dir(args.output_dir)
+    check_output_dir(output_dir)
     complete_before = [video.key for video in videos if video not in todo]
-    windows_planned = planned_windows(every_unit, shards, plans, args.chunk_frames)
-    launch = {**settings(args), "overwrite": args.overwrite}  # a redo on purpose is another plan
-    plan = launch_plan(windows_planned, complete_before, args.num_shards, launch)
-    job = JobLog(args.output_dir, plan, args.shard_index, str(device), log)
-    for unit in share:
+    windows_planned = planned_windows(every_unit, shards, plans, settings.chunk_frames)
+    launch = {**settings.record(), "overwrite": overwrite}  # a redo on purpose is another plan
+    plan = launch_plan(windows_planned, complete_before, share.count, launch)
+    job = JobLog(output_dir, plan, share.index, str(device), log)
+    for unit in my_units:
         if unit.video not in todo:
             job.done_before(unit.video.key, unit_windows(unit, planned[unit.video]))
     with job:  # an error that ends the run ends the job's account too
         if not units:
-            log("nothing to do: " + ("this shard has no videos" if args.num_shards > 1 else "every video is complete"))
-            if args.num_shards > 1 and args.bucket_lag > 0 and todo:  # its summary must not miss the others' work
+            log("nothing to do: " + ("this shard has no videos" if share.count > 1 else "every video is complete"))
+            if share.count > 1 and share.bucket_lag > 0 and todo:  # its summary must not miss the others' work
                 job.state(WAITING)
-                wait_for_other_shares([], todo, paths_of, args, lambda video, error: None)
+                wait_for_other_shares([], todo, paths_of, settings, share.bucket_lag, lambda video, error: None)
             job.state(ENDED, EXIT_OK)
             return EXIT_OK
         mine = list(dict.fromkeys(unit.video for unit in units))
-        folders = [args.output_dir, *(paths_of[video]["folder"] for video in mine)]
-        folders += [folder / WINDOWS_FOLDER for folder in folders[1:]] + [args.output_dir / JOBS_FOLDER]
+        folders = [output_dir, *(paths_of[video]["folder"] for video in mine)]
+        folders += [folder / WINDOWS_FOLDER for folder in folders[1:]] + [output_dir / JOBS_FOLDER]
         leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
         if leftovers:
             log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
@@ -146,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                     start_redo(paths)
                 fail(video, VideoError(f"{video.path}: no such file"))
                 continue
-            done[video] = {} if args.overwrite else done_windows(paths["folder"], recipe(video, args))
+            done[video] = {} if overwrite else done_windows(paths["folder"], recipe(video, settings))
         for unit in units:
             if unit.video in done:
                 job.done_before(unit.video.key, set(unit_windows(unit, planned[unit.video])) & done[unit.video].keys())
@@ -157,14 +168,15 @@ def run(args: argparse.Namespace) -> int:
         segmenter = None
         if pending:
             leave_a_core_free(device)
-            segmenter = load_segmenter(args.model, device, dtype, args.model_step)
-            check_prompts(segmenter.processor, args.prompts)
+            segmenter = load_segmenter(settings.model, device, dtype, model_step)
+            check_prompts(segmenter.processor, settings.prompts)
             log(
-                f"model {args.model}, prompts {args.prompts}, SAM3 post-processing: {segmenter.postprocessing}, "
-                f"step per frame: {segmenter.model_step}"
+                f"model {settings.model}, prompts {list(settings.prompts)}, "
+                f"SAM3 post-processing: {segmenter.postprocessing}, step per frame: {segmenter.model_step}"
             )
             log(describe_device(device, dtype))
 
+        how = Computation(settings, serial, share)
         complete: list[Video] = []
         waiting: list[Video] = []
         numbered = {unit: number for number, unit in enumerate(pending, start=1)}
@@ -174,12 +186,12 @@ def run(args: argparse.Namespace) -> int:
                 continue
             paths = paths_of[video]
             try:
-                metadata = finished_meanwhile(video, paths, found.seen[video], video in found.outdated, args.bucket_lag)
+                metadata = finished_meanwhile(video, paths, found.seen[video], video in found.outdated, share.bucket_lag)
                 if metadata is not None:
                     log(f"skip {video.path}: completed by another job since this one started")
                 else:
                     metadata = compute_video(
-                        list(group), paths, segmenter, args, plans[video], done[video], numbered, job
+                        list(group), paths, segmenter, how, plans[video], done[video], numbered, job
                     )
             except Exception as error:  # one bad video (or one failed write) never stops the others
                 fail(video, error)
@@ -189,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
                 job.completed(video.key)
             else:
                 waiting.append(video)
-        if args.num_shards > 1 and args.bucket_lag > 0:
+        if share.count > 1 and share.bucket_lag > 0:
             job.state(WAITING)
-            assembled, waiting = wait_for_other_shares(waiting, todo, paths_of, args, fail)
+            assembled, waiting = wait_for_other_shares(waiting, todo, paths_of, settings, share.bucket_lag, fail)
             complete += assembled
             for video in assembled:
                 job.completed(video.key)
@@ -223,11 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if args.check_device:
-            return check_device(args)
+            return check_device(args.device, args.dtype)
         if args.summarize is not None:
             summarize(args.summarize, args.inputs)
             return EXIT_OK
-        return run(args)
+        return run(
+            args.inputs,
+            args.output_dir,
+            RunSettings.of(args),
+            Share.of(args),
+            args.device,
+            args.dtype,
+            args.model_step,
+            args.serial,
+            args.overwrite,
+        )
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

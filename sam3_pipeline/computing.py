@@ -3,8 +3,8 @@ window records, the video's assembly once every window is there, and a failure's
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -23,6 +23,7 @@ from sam3_pipeline.dataset import Unit, Video
 from sam3_pipeline.device import dtype_name
 from sam3_pipeline.files import now_iso, read_record, write_json
 from sam3_pipeline.messages import VideoError, log, one_line, redact
+from sam3_pipeline.options import RunSettings, Share
 from sam3_pipeline.planning import recipe, units_of, usable
 from sam3_pipeline.progress import JobLog
 from sam3_pipeline.sam3 import ModelFrame, Segmenter, model_frames, prepare_frames, shared_position
@@ -44,13 +45,23 @@ from sam3_pipeline.windows import BrokenWindows, complete_run, computed_by, done
 STAGE_QUEUE_DEPTH = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class Computation:
+    """How this job computes its windows: with what (`settings`), the stages side by side or one
+    after another (`serial`), and as which share of the launch (recorded in each window)."""
+
+    settings: RunSettings
+    serial: bool
+    share: Share
+
+
 def unit_facts(
     video: Video,
     info: VideoInfo,
     report: DecodeReport,
     size: tuple[int, int],
     fps_out: Fraction,
-    args: argparse.Namespace,
+    how: Computation,
     segmenter: Segmenter,
     plan: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -59,7 +70,7 @@ def unit_facts(
     rotation, mirrored = display_rotation(report.transform)
     geometry = report.geometry
     return {
-        "recipe": recipe(video, args),
+        "recipe": recipe(video, how.settings),
         "plan": plan,
         "video": {
             "key": video.key,
@@ -76,18 +87,18 @@ def unit_facts(
             "mirrored": mirrored,
             "duration_seconds": info.duration,
             "original_fps": float(info.fps),
-            "sample_fps": float(args.sample_fps),
+            "sample_fps": float(how.settings.sample_fps),
             "output_fps": float(fps_out),
-            "max_frames": args.max_frames,
+            "max_frames": how.settings.max_frames,
             "frames_expected": (
-                min(math.ceil(info.duration * fps_out), args.max_frames or math.inf) if info.duration else None
+                min(math.ceil(info.duration * fps_out), how.settings.max_frames or math.inf) if info.duration else None
             ),
         },
         "device": str(segmenter.device),
         "dtype": dtype_name(segmenter.dtype),
         "postprocessing": segmenter.postprocessing,
-        "pipeline": "serial" if args.serial else "overlapped",
-        "computed_by": computed_by(args.shard_index, args.num_shards),
+        "pipeline": "serial" if how.serial else "overlapped",
+        "computed_by": computed_by(how.share.index, how.share.count),
         "seeked": report.seeked,
     }
 
@@ -96,19 +107,20 @@ def process_unit(
     unit: Unit,
     paths: dict[str, Path],
     segmenter: Segmenter,
-    args: argparse.Namespace,
+    how: Computation,
     plan: dict[str, Any] | None,
     skip: Container[int],
     on_window: Callable[[int, int, float], None],
 ) -> list[dict[str, Any]]:
     """Compute a unit's windows (those not in `skip`): decode -> SAM3 -> masks, overlay, H.264 and
-    tracks, frame by frame, the stages side by side (unless --serial). Each window's results are
+    tracks, frame by frame, the stages side by side (unless `how.serial`). Each window's results are
     in place as soon as it is done; returns their records. on_window(window, sampled frames,
     seconds): called as SAM3 finishes each window, with the time since the one before (or since
     the unit began)."""
     started = time.monotonic()
     source = unit.video.path
-    chunk = args.chunk_frames
+    settings = how.settings
+    chunk = settings.chunk_frames
     try:
         container = av.open(str(source))
     except (av.FFmpegError, OSError) as error:
@@ -118,10 +130,11 @@ def process_unit(
     report = DecodeReport()
     with container:
         info = read_video_info(container, source)
-        fps_out = output_rate(args.sample_fps, info.fps)
+        fps_out = output_rate(settings.sample_fps, info.fps)
         times = StageTimes()
         after = shared_position(unit.first, chunk) if unit.first else None
-        bound = WindowBound(sample_frames(container, args.sample_fps, args.max_frames, report, after), unit.last, chunk)
+        samples = sample_frames(container, settings.sample_fps, settings.max_frames, report, after)
+        bound = WindowBound(samples, unit.last, chunk)
         frames = times.iterate("decode", bound)
         try:
             first = next(frames, None)
@@ -130,8 +143,8 @@ def process_unit(
         if first is None:
             raise VideoError(f"{source}: no frames could be decoded")
         size = first.rgb.shape[:2]  # as displayed: (H, W) after the display matrix
-        facts = unit_facts(unit.video, info, report, size, fps_out, args, segmenter, plan)
-        rate = position_rate(args.sample_fps, info.fps)
+        facts = unit_facts(unit.video, info, report, size, fps_out, how, segmenter, plan)
+        rate = position_rate(settings.sample_fps, info.fps)
         with contextlib.ExitStack() as stack:
             progress = stack.enter_context(
                 tqdm(
@@ -159,17 +172,17 @@ def process_unit(
                     on_window(window, frames, time.monotonic() - mark)
 
             samples = itertools.chain([first], frames)
-            finish = (paths["folder"], size, fps_out, args.tracks, unit.first, skip, facts, started)
-            if args.serial:
+            finish = (paths["folder"], size, fps_out, settings.tracks, unit.first, skip, facts, started)
+            if how.serial:
                 prepared = prepare_frames(segmenter, samples, times)
             else:  # the outputs process is forked first, before this process starts a thread
                 outputs_process = stack.enter_context(ChildProcess(draw_and_record, finish, STAGE_QUEUE_DEPTH))
                 prepared = stack.enter_context(
                     RunAhead(prepare_frames(segmenter, samples, times), STAGE_QUEUE_DEPTH, "decode")
                 )
-            outputs = counted(model_frames(segmenter, prepared, args.prompts, chunk, times, unit.first, skip))
+            outputs = counted(model_frames(segmenter, prepared, settings.prompts, chunk, times, unit.first, skip))
             items = unit_items(outputs, times, report, bound)
-            return draw_and_record(items, *finish) if args.serial else outputs_process.run(items)
+            return draw_and_record(items, *finish) if how.serial else outputs_process.run(items)
 
 
 def start_redo(paths: dict[str, Path]) -> None:
@@ -259,7 +272,7 @@ def compute_video(
     units: Sequence[Unit],
     paths: dict[str, Path],
     segmenter: Segmenter | None,
-    args: argparse.Namespace,
+    how: Computation,
     plan: dict[str, Any] | None,
     done: dict[int, dict[str, Any]],
     numbered: dict[Unit, int],
@@ -271,7 +284,7 @@ def compute_video(
     job's account."""
     video = units[0].video
     on_window = functools.partial(job.computed, video.key)
-    planned = window_count(plan and plan["positions"], args.chunk_frames)
+    planned = window_count(plan and plan["positions"], how.settings.chunk_frames)
     for unit in units:
         whole = unit.last is None and unit.first < planned - 1  # a video read from the start
         span = f"windows {unit.first}-{planned - 1}" if whole else f"window {unit.first}"
@@ -279,31 +292,31 @@ def compute_video(
             log(f"skip {video.path} {span}: computed before")
             continue
         log(f"{numbered[unit]}/{len(numbered)} - {video.path}" + (f" {span} of {planned}" if planned > 1 else ""))
-        for record in process_unit(unit, paths, segmenter, args, plan, done, on_window):
+        for record in process_unit(unit, paths, segmenter, how, plan, done, on_window):
             done[record["window"]] = record
     try:
-        return assemble_if_ready(video, paths, args, planned, announce=True)
+        return assemble_if_ready(video, paths, how.settings, planned, announce=True)
     except BrokenWindows as error:
         if segmenter is None:  # this job loaded no model: the next run computes them
             raise
         broken = error.problems
     # Windows whose files were not as recorded, dropped by now: computed again here, once.
     done = {window: record for window, record in done.items() if window not in broken}
-    for unit in units_of(video, plan, args):
+    for unit in units_of(video, plan, how.settings.chunk_frames):
         if any(unit.first <= window and (unit.last is None or window <= unit.last) for window in broken):
             log(f"again {video.path} window {unit.first}: its files were not as recorded")
-            for record in process_unit(unit, paths, segmenter, args, plan, done, on_window):
+            for record in process_unit(unit, paths, segmenter, how, plan, done, on_window):
                 done[record["window"]] = record
-    return assemble_if_ready(video, paths, args, planned, announce=True)
+    return assemble_if_ready(video, paths, how.settings, planned, announce=True)
 
 
 def assemble_if_ready(
-    video: Video, paths: dict[str, Path], args: argparse.Namespace, planned: int, announce: bool
+    video: Video, paths: dict[str, Path], settings: RunSettings, planned: int, announce: bool
 ) -> dict[str, Any] | None:
     """Assemble a video whose windows are all there and return its metadata; None while windows
     of other shares are still to come (said in the log when `announce`). BrokenWindows for
     windows whose files are not as recorded (`assembly.assemble` has dropped them)."""
-    records = done_windows(paths["folder"], recipe(video, args))
+    records = done_windows(paths["folder"], recipe(video, settings))
     windows = complete_run(records)
     if windows is None:
         if announce:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from sam3_pipeline.device import DTYPES
 from sam3_pipeline.model_step import FAST, MODEL_STEPS
@@ -20,6 +22,47 @@ MIN_SAMPLE_FPS = Fraction(1, 3600)
 # How late one worker sees another's writes in the output folder: SkyPilot's MOUNT_CACHED bucket
 # shows them after rclone's upload and the reader's 10 s directory cache, 10-20 s (`--bucket-lag`).
 DEFAULT_BUCKET_LAG = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What every window of a run is computed with, whatever its video: a window computed with
+    other settings is not reused (`record` is what its record keeps of them)."""
+
+    prompts: tuple[str, ...]
+    sample_fps: Fraction
+    max_frames: int  # 0: no limit
+    chunk_frames: int
+    model: str
+    tracks: bool
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> RunSettings:
+        return cls(tuple(args.prompts), args.sample_fps, args.max_frames, args.chunk_frames, args.model, args.tracks)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "prompts": list(self.prompts),
+            "sample_fps": str(self.sample_fps),
+            "max_frames": self.max_frames,
+            "chunk_frames": self.chunk_frames,
+            "model": self.model,
+            "tracks": self.tracks,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """This job's place in its launch: share `index` of `count`, and how late the other jobs'
+    writes may show here (`bucket_lag` seconds: 0 when it is alone)."""
+
+    index: int
+    count: int
+    bucket_lag: float
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Share:
+        return cls(args.shard_index, args.num_shards, args.bucket_lag)
 
 
 def default_output_dir() -> Path:

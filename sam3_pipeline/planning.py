@@ -3,7 +3,6 @@ and what a job finds done before it starts (triage)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import math
@@ -17,6 +16,7 @@ import av
 from sam3_pipeline.dataset import Unit, Video
 from sam3_pipeline.files import read_record
 from sam3_pipeline.messages import VideoError, log, one_line
+from sam3_pipeline.options import RunSettings, Share
 from sam3_pipeline.outputs import output_problems, source_change, written_within
 from sam3_pipeline.video_io import VideoInfo, position_rate, read_video_info, seekable
 from sam3_pipeline.windows import plan_units, planned_frames
@@ -29,32 +29,20 @@ class PlanError(Exception):
     """A video this job cannot read where other jobs may: it cannot make the split they make."""
 
 
-def recipe(video: Video, args: argparse.Namespace) -> dict[str, Any]:
+def recipe(video: Video, settings: RunSettings) -> dict[str, Any]:
     """What a window's results depend on: windows computed otherwise are not reused."""
-    return {"source_name": video.path.name, "source_bytes": video.size, **settings(args)}
+    return {"source_name": video.path.name, "source_bytes": video.size, **settings.record()}
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What every window of a run is computed with, whatever its video."""
-    return {
-        "prompts": list(args.prompts),
-        "sample_fps": str(args.sample_fps),
-        "max_frames": args.max_frames,
-        "chunk_frames": args.chunk_frames,
-        "model": args.model,
-        "tracks": args.tracks,
-    }
-
-
-def expected_positions(info: VideoInfo, args: argparse.Namespace) -> int | None:
+def expected_positions(info: VideoInfo, settings: RunSettings) -> int | None:
     """How many sampling grid positions the container's duration spans (at most --max-frames)."""
     if not info.duration:
-        return args.max_frames or None
-    positions = math.ceil(info.duration * position_rate(args.sample_fps, info.fps))
-    return min(positions, args.max_frames) if args.max_frames else positions
+        return settings.max_frames or None
+    positions = math.ceil(info.duration * position_rate(settings.sample_fps, info.fps))
+    return min(positions, settings.max_frames) if settings.max_frames else positions
 
 
-def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
+def plan_video(video: Video, settings: RunSettings) -> dict[str, Any] | None:
     """What a video's windows are planned from, read from its container: {"positions": grid
     positions its duration spans (None when it states none), "seekable": `seekable`}; None where
     the file itself cannot be read as a video (every job reads the same bytes and plans it alike:
@@ -67,7 +55,7 @@ def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
         try:
             with av.open(str(video.path)) as container:
                 info = read_video_info(container, video.path)
-                return {"positions": expected_positions(info, args), "seekable": seekable(container)}
+                return {"positions": expected_positions(info, settings), "seekable": seekable(container)}
         except VideoError:
             return None
         except OSError as error:  # before FFmpegError: PyAV's errno errors are both
@@ -80,12 +68,12 @@ def plan_video(video: Video, args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
-def units_of(video: Video, plan: dict[str, Any] | None, args: argparse.Namespace) -> list[Unit]:
+def units_of(video: Video, plan: dict[str, Any] | None, chunk_frames: int) -> list[Unit]:
     """A video's units of work (`windows.plan_units`), each weighed by the sampled frames it is
     expected to hold. Without a plan, one unit."""
     if plan is None:
-        return [Unit(video, 0, None, args.chunk_frames)]
-    frames = planned_frames(plan["positions"], args.chunk_frames)
+        return [Unit(video, 0, None, chunk_frames)]
+    frames = planned_frames(plan["positions"], chunk_frames)
     units = plan_units(len(frames), plan["seekable"])
     return [Unit(video, first, last, sum(frames[first : None if last is None else last + 1])) for first, last in units]
 
@@ -115,9 +103,15 @@ def usable(
     return not problems or written_within(metadata, bucket_lag)
 
 
-def triage(videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args: argparse.Namespace) -> Triage:
+def triage(
+    videos: Sequence[Video],
+    paths_of: dict[Video, dict[str, Path]],
+    settings: RunSettings,
+    share: Share,
+    overwrite: bool,
+) -> Triage:
     """Sort the videos into those to work on (not complete; complete but not whole; made from
-    another file; all with --overwrite) and the rest, and plan every video. Every job plans every
+    another file; all with `overwrite`) and the rest, and plan every video. Every job plans every
     video, complete or not, so that all make the same split whatever they find done: a complete
     video from its metadata, the others from their containers (PlanError where one cannot be
     read)."""
@@ -128,7 +122,7 @@ def triage(videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args
         found.seen[video] = metadata
         complete = metadata.get("status") == "complete"
         problems = output_problems(paths["folder"], metadata) if complete else []
-        if not args.overwrite and usable(metadata, video, paths["folder"], args.bucket_lag, problems):
+        if not overwrite and usable(metadata, video, paths["folder"], share.bucket_lag, problems):
             if problems:
                 log(f"note: {video.path}: complete at {metadata['completed_at']}, {problems[0]} here yet: still arriving")
             found.plans[video] = metadata.get("plan")
@@ -136,15 +130,15 @@ def triage(videos: Sequence[Video], paths_of: dict[Video, dict[str, Path]], args
         if complete:
             if change := source_change(metadata, video):
                 log(f"redo {video.path}: the results in {paths['folder']} were {change}")
-            elif not args.overwrite:
+            elif not overwrite:
                 log(f"redo {video.path}: its results in {paths['folder']} are not whole: {'; '.join(problems)}")
-            if args.overwrite or change:
+            if overwrite or change:
                 found.outdated.add(video)
         found.todo.append(video)
         try:
-            found.plans[video] = plan_video(video, args)
+            found.plans[video] = plan_video(video, settings)
         except PlanError:
-            if args.num_shards > 1:
+            if share.count > 1:
                 raise
             found.plans[video] = None  # alone, the split does not matter: it fails with the reason when computed
     return found

@@ -312,11 +312,16 @@ def test_shares_do_not_change_when_a_duration_probe_fails_once(tmp_path, make_vi
     same shares as the others: every job plans every video's windows from its duration."""
     clips = {"a/1": 4, "a/2": 3, "b/1": 2, "b/2": 2, "c": 1, "d": 1}
     videos = make_dataset(tmp_path / "videos", clips, make_video)
-    args = ps.parse_args([str(videos), "--chunk-frames", "3"])
+    args = options.parse_args([str(videos), "--chunk-frames", "3"])
 
     def shares() -> list[list[tuple[str, int]]]:
         found = collect_videos([videos], tmp_path / "out")
-        units = [unit for video in found for unit in planning.units_of(video, planning.plan_video(video, args), args)]
+        settings = options.RunSettings.of(args)
+        units = [
+            unit
+            for video in found
+            for unit in planning.units_of(video, planning.plan_video(video, settings), args.chunk_frames)
+        ]
         shards = assign_units(units, 3)
         return [[(unit.video.key, unit.first) for unit, shard in zip(units, shards) if shard == rank] for rank in range(3)]
 

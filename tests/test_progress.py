@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-import process_segmentation as ps
 from conftest import REPO, run_cli, segment, write_test_video
-from sam3_pipeline import progress
+from sam3_pipeline import options, planning, progress
+from sam3_pipeline.dataset import assign_units, collect_videos
+from sam3_pipeline.outputs import output_paths
 from sam3_pipeline.progress import ENDED, JobLog, launch_plan, read_progress, report
 
 SETTINGS = {"prompts": ["ball"], "sample_fps": "1", "chunk_frames": 100}
@@ -174,12 +175,14 @@ def test_every_job_of_a_launch_writes_the_same_plan(tmp_path, make_video):
         make_video(videos / f"{name}.mp4", seconds=seconds, fps=5, size=(160, 96))
     plans = []
     for rank in range(3):
-        args = ps.parse_args([str(videos), "--chunk-frames", "5", "--shard-index", str(rank), "--num-shards", "3"])
-        found = ps.collect_videos(args.inputs, tmp_path / "out")
-        triaged = ps.triage(found, {video: ps.output_paths(tmp_path / "out", video.key) for video in found}, args)
-        units = [unit for video in found for unit in ps.units_of(video, triaged.plans[video], args)]
-        shards = ps.assign_units(units, 3)
-        windows = ps.planned_windows(units, shards, triaged.plans, args.chunk_frames)
-        plans.append(launch_plan(windows, [], 3, ps.settings(args)))
+        args = options.parse_args([str(videos), "--chunk-frames", "5", "--shard-index", str(rank), "--num-shards", "3"])
+        settings = options.RunSettings.of(args)
+        found = collect_videos(args.inputs, tmp_path / "out")
+        paths_of = {video: output_paths(tmp_path / "out", video.key) for video in found}
+        triaged = planning.triage(found, paths_of, settings, options.Share.of(args), overwrite=False)
+        units = [unit for video in found for unit in planning.units_of(video, triaged.plans[video], args.chunk_frames)]
+        shards = assign_units(units, 3)
+        windows = planning.planned_windows(units, shards, triaged.plans, args.chunk_frames)
+        plans.append(launch_plan(windows, [], 3, settings.record()))
     assert len({plan["plan_id"] for plan in plans}) == 1
     assert plans[0]["videos"]["long"] == {"frames": [5, 4, 3], "shards": [0, 1, 2]}
