@@ -32,36 +32,27 @@ video could not be read to plan the shares), 2 on a usage error.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from sam3_pipeline.computing import Computation, compute_video, finished_meanwhile, record_failure, start_redo
-from sam3_pipeline.dataset import Video, assign_units, collect_videos
+import torch
+
+from sam3_pipeline.computing import Computation, ShareWork, log_computed
+from sam3_pipeline.dataset import collect_videos
 from sam3_pipeline.device import choose_device, choose_dtype, describe_device, leave_a_core_free
-from sam3_pipeline.messages import UsageError, VideoError, log
+from sam3_pipeline.messages import UsageError, log
 from sam3_pipeline.options import RunSettings, Share, parse_args
 from sam3_pipeline.outputs import check_output_dir, output_paths, remove_dead_scratch, remove_stale_partials
-from sam3_pipeline.planning import (
-    PlanError,
-    describe_units,
-    planned_windows,
-    recipe,
-    triage,
-    unit_windows,
-    units_of,
-)
-from sam3_pipeline.progress import ENDED, JOBS_FOLDER, WAITING, JobLog, launch_plan
-from sam3_pipeline.sam3 import check_prompts, load_segmenter
+from sam3_pipeline.planning import PlanError, launch_record, plan_launch, unit_windows
+from sam3_pipeline.progress import ENDED, JOBS_FOLDER, WAITING, JobLog
+from sam3_pipeline.sam3 import Segmenter, check_prompts, load_segmenter
 from sam3_pipeline.share_wait import wait_for_other_shares
 from sam3_pipeline.summary import summarize
-from sam3_pipeline.windows import WINDOWS_FOLDER, done_windows, unit_done, window_count
+from sam3_pipeline.windows import WINDOWS_FOLDER, unit_done
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -93,139 +84,77 @@ def run(
     videos = collect_videos(inputs, output_dir)
     paths_of = {video: output_paths(output_dir, video.key) for video in videos}
     try:
-        found = triage(videos, paths_of, settings, share, overwrite)
+        launch = plan_launch(videos, paths_of, settings, share, overwrite)
     except PlanError as error:  # a guess at the video's windows would move other videos' windows between jobs
         log(
             f"error: cannot read {error}; every job reads every video to make the same split, so this job "
             "computes nothing and exits 1, to be retried (SkyPilot's job_recovery)"
         )
         return EXIT_FAILED
-    todo, plans = found.todo, found.plans
-    every_unit = [unit for video in videos for unit in units_of(video, plans[video], settings.chunk_frames)]
-    shards = assign_units(every_unit, share.count)
-    my_units = [unit for unit, shard in zip(every_unit, shards, strict=True) if shard == share.index]
-    planned = {video: window_count(plan and plan["positions"], settings.chunk_frames) for video, plan in plans.items()}
-    for video in dict.fromkeys(unit.video for unit in my_units if unit.video not in todo):  # this job's share only
-        log(f"skip {video.path}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
-    units = [unit for unit in my_units if unit.video in todo]
-    if share.count > 1:
-        count = len({unit.video for unit in units})
-        windows = sum(len(unit_windows(unit, planned[unit.video])) for unit in units)
-        frames = sum(unit.weight for unit in units)
-        log(
-            f"shard {share.index}/{share.count}: {count} video{'s' * (count != 1)}, "
-            f"{windows} window{'s' * (windows != 1)}, ~{frames} sampled frames: "
-            f"{describe_units(units, planned)}"
-        )
     check_output_dir(output_dir)
-    complete_before = [video.key for video in videos if video not in todo]
-    windows_planned = planned_windows(every_unit, shards, plans, settings.chunk_frames)
-    launch = {**settings.record(), "overwrite": overwrite}  # a redo on purpose is another plan
-    plan = launch_plan(windows_planned, complete_before, share.count, launch)
-    job = JobLog(output_dir, plan, share.index, str(device), log)
-    for unit in my_units:
-        if unit.video not in todo:
-            job.done_before(unit.video.key, unit_windows(unit, planned[unit.video]))
+    job = JobLog(output_dir, launch_record(launch, videos, settings, share, overwrite), share.index, str(device), log)
+    for unit in launch.mine:
+        if unit.video not in launch.found.todo:
+            job.done_before(unit.video.key, unit_windows(unit, launch.planned[unit.video]))
+    waits = share.count > 1 and share.bucket_lag > 0  # for other jobs' last windows, at the end
     with job:  # an error that ends the run ends the job's account too
-        if not units:
+        if not launch.units:
             log("nothing to do: " + ("this shard has no videos" if share.count > 1 else "every video is complete"))
-            if share.count > 1 and share.bucket_lag > 0 and todo:  # its summary must not miss the others' work
+            if waits and launch.found.todo:  # its summary must not miss the others' work
                 job.state(WAITING)
-                wait_for_other_shares([], todo, paths_of, settings, share.bucket_lag, lambda video, error: None)
+                wait_for_other_shares([], launch.found.todo, paths_of, settings, share.bucket_lag, lambda *_: None)
             job.state(ENDED, EXIT_OK)
             return EXIT_OK
-        mine = list(dict.fromkeys(unit.video for unit in units))
-        folders = [output_dir, *(paths_of[video]["folder"] for video in mine)]
-        folders += [folder / WINDOWS_FOLDER for folder in folders[1:]] + [output_dir / JOBS_FOLDER]
-        leftovers = remove_stale_partials(folders, started) + remove_dead_scratch()
-        if leftovers:
-            log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
+        mine = list(dict.fromkeys(unit.video for unit in launch.units))
+        remove_leftovers(output_dir, [paths_of[video]["folder"] for video in mine], started)
 
-        failures: list[str] = []
-
-        def fail(video: Video, error: BaseException) -> None:
-            """Record a video's failure (its error record, the log, the job's account): it fails alone."""
-            failures.append(record_failure(video, paths_of[video], error))
-            log(f"FAILED {failures[-1]}")
-            job.failed(video.key, failures[-1])
-
-        done: dict[Video, dict[int, dict[str, Any]]] = {}
-        for video in mine:
-            paths = paths_of[video]
-            if video.size is None:  # fail it before the slow model load
-                with contextlib.suppress(OSError):  # it fails either way; the error record says why
-                    start_redo(paths)
-                fail(video, VideoError(f"{video.path}: no such file"))
-                continue
-            done[video] = {} if overwrite else done_windows(paths["folder"], recipe(video, settings))
-        for unit in units:
+        work = ShareWork(job, paths_of)
+        done = work.windows_done(mine, settings, overwrite)
+        for unit in launch.units:
             if unit.video in done:
-                job.done_before(unit.video.key, set(unit_windows(unit, planned[unit.video])) & done[unit.video].keys())
+                computed_before = set(unit_windows(unit, launch.planned[unit.video])) & done[unit.video].keys()
+                job.done_before(unit.video.key, computed_before)
         job.save()
         pending = [
-            unit for unit in units if unit.video in done and not unit_done(done[unit.video], unit.first, unit.last)
+            unit for unit in launch.units if unit.video in done and not unit_done(done[unit.video], unit.first, unit.last)
         ]
-        segmenter = None
-        if pending:
-            leave_a_core_free(device)
-            segmenter = load_segmenter(settings.model, device, dtype, model_step)
-            check_prompts(segmenter.processor, settings.prompts)
-            log(
-                f"model {settings.model}, prompts {list(settings.prompts)}, "
-                f"SAM3 post-processing: {segmenter.postprocessing}, step per frame: {segmenter.model_step}"
-            )
-            log(describe_device(device, dtype))
+        segmenter = load_model(settings, device, dtype, model_step) if pending else None
 
-        how = Computation(settings, serial, share)
-        complete: list[Video] = []
-        waiting: list[Video] = []
-        numbered = {unit: number for number, unit in enumerate(pending, start=1)}
         before = {video: set(records) for video, records in done.items()}
-        for video, group in itertools.groupby(units, key=lambda unit: unit.video):
-            if video not in done:
-                continue
-            paths = paths_of[video]
-            try:
-                metadata = finished_meanwhile(video, paths, found.seen[video], video in found.outdated, share.bucket_lag)
-                if metadata is not None:
-                    log(f"skip {video.path}: completed by another job since this one started")
-                else:
-                    metadata = compute_video(
-                        list(group), paths, segmenter, how, plans[video], done[video], numbered, job
-                    )
-            except Exception as error:  # one bad video (or one failed write) never stops the others
-                fail(video, error)
-                continue
-            if metadata is not None:
-                complete.append(video)
-                job.completed(video.key)
-            else:
-                waiting.append(video)
-        if share.count > 1 and share.bucket_lag > 0:
+        how = Computation(settings, serial, share)
+        complete, waiting = work.compute(launch.units, pending, launch.found, done, segmenter, how)
+        if waits:
             job.state(WAITING)
-            assembled, waiting = wait_for_other_shares(waiting, todo, paths_of, settings, share.bucket_lag, fail)
+            assembled, waiting = wait_for_other_shares(
+                waiting, launch.found.todo, paths_of, settings, share.bucket_lag, work.fail
+            )
             complete += assembled
             for video in assembled:
                 job.completed(video.key)
-        computed = [
-            record for video, records in done.items() for window, record in records.items() if window not in before[video]
-        ]
-        if computed:
-            frames = sum(record["frames"] for record in computed)
-            seconds = sum(record["seconds"] for record in computed)
-            per_frame = f": {seconds / frames:.2f} s per sampled frame" if frames else ""
-            count = len(computed)
-            log(
-                f"computed {count} window{'s' * (count != 1)}, {frames} sampled frames in {seconds:.1f} s "
-                f"on {device}{per_frame}"
-            )
-        counts = f"{len(complete)} of {len(mine)} videos complete, {len(failures)} failed"
-        log(counts + (f", {len(waiting)} waiting for windows of other shares" if waiting else ""))
-        for message in failures:
-            log(f"  failed: {message}")
-        status = EXIT_FAILED if failures else EXIT_OK
-        job.state(ENDED, status)
-        return status
+        log_computed(done, before, device)
+        return work.end(len(mine), complete, waiting)
+
+
+def remove_leftovers(output_dir: Path, folders: Sequence[Path], started: float) -> None:
+    """Remove what killed runs left half-written in the folders this job writes (`started`:
+    time.time() when it began, so that nothing of its own is taken)."""
+    searched = [output_dir, *folders, *(folder / WINDOWS_FOLDER for folder in folders), output_dir / JOBS_FOLDER]
+    leftovers = remove_stale_partials(searched, started) + remove_dead_scratch()
+    if leftovers:
+        log(f"removed {len(leftovers)} leftovers of killed runs: {', '.join(map(str, leftovers))}")
+
+
+def load_model(settings: RunSettings, device: torch.device, dtype: torch.dtype, model_step: str) -> Segmenter:
+    """SAM3, once per run, and the lines that say with what it runs."""
+    leave_a_core_free(device)
+    segmenter = load_segmenter(settings.model, device, dtype, model_step)
+    check_prompts(segmenter.processor, settings.prompts)
+    log(
+        f"model {settings.model}, prompts {list(settings.prompts)}, "
+        f"SAM3 post-processing: {segmenter.postprocessing}, step per frame: {segmenter.model_step}"
+    )
+    log(describe_device(device, dtype))
+    return segmenter
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import torch
 from tqdm import tqdm
 
 from sam3_pipeline.assembly import assemble_and_record
@@ -24,8 +25,8 @@ from sam3_pipeline.device import dtype_name
 from sam3_pipeline.files import now_iso, read_record, write_json
 from sam3_pipeline.messages import VideoError, log, one_line, redact
 from sam3_pipeline.options import RunSettings, Share
-from sam3_pipeline.planning import recipe, units_of, usable
-from sam3_pipeline.progress import JobLog
+from sam3_pipeline.planning import Triage, recipe, units_of, usable
+from sam3_pipeline.progress import ENDED, JobLog
 from sam3_pipeline.sam3 import ModelFrame, Segmenter, model_frames, prepare_frames, shared_position
 from sam3_pipeline.stages import ChildProcess, RunAhead, StageTimes
 from sam3_pipeline.unit_outputs import WindowBound, draw_and_record, unit_items
@@ -328,3 +329,99 @@ def assemble_if_ready(
     except BrokenWindows as error:
         log(f"warning: {video.path}: {error}")
         raise
+
+
+class ShareWork:
+    """A job's work on the videos of its share, video by video: each failure is recorded where a
+    user and the progress command look (the video's error record, the log, the job's account),
+    and fails that video alone."""
+
+    def __init__(self, job: JobLog, paths_of: dict[Video, dict[str, Path]]) -> None:
+        self.job, self.paths_of = job, paths_of
+        self.failures: list[str] = []
+
+    def fail(self, video: Video, error: BaseException) -> None:
+        self.failures.append(record_failure(video, self.paths_of[video], error))
+        log(f"FAILED {self.failures[-1]}")
+        self.job.failed(video.key, self.failures[-1])
+
+    def windows_done(
+        self, videos: Sequence[Video], settings: RunSettings, overwrite: bool
+    ) -> dict[Video, dict[int, dict[str, Any]]]:
+        """Each video's windows computed before with these settings ({} with `overwrite`); a
+        video whose file is gone fails here, before the slow model load."""
+        done: dict[Video, dict[int, dict[str, Any]]] = {}
+        for video in videos:
+            paths = self.paths_of[video]
+            if video.size is None:
+                with contextlib.suppress(OSError):  # it fails either way; the error record says why
+                    start_redo(paths)
+                self.fail(video, VideoError(f"{video.path}: no such file"))
+                continue
+            done[video] = {} if overwrite else done_windows(paths["folder"], recipe(video, settings))
+        return done
+
+    def compute(
+        self,
+        units: Sequence[Unit],
+        pending: Sequence[Unit],
+        found: Triage,
+        done: dict[Video, dict[int, dict[str, Any]]],
+        segmenter: Segmenter | None,
+        how: Computation,
+    ) -> tuple[list[Video], list[Video]]:
+        """Compute the `pending` units of each video in `units` and assemble it if it can be;
+        a video another job completed meanwhile is skipped. Returns the videos complete and those
+        waiting for other shares' windows."""
+        complete: list[Video] = []
+        waiting: list[Video] = []
+        numbered = {unit: number for number, unit in enumerate(pending, start=1)}
+        for video, group in itertools.groupby(units, key=lambda unit: unit.video):
+            if video not in done:
+                continue
+            paths = self.paths_of[video]
+            outdated = video in found.outdated
+            try:
+                metadata = finished_meanwhile(video, paths, found.seen[video], outdated, how.share.bucket_lag)
+                if metadata is not None:
+                    log(f"skip {video.path}: completed by another job since this one started")
+                else:
+                    plan = found.plans[video]
+                    metadata = compute_video(list(group), paths, segmenter, how, plan, done[video], numbered, self.job)
+            except Exception as error:  # one bad video (or one failed write) never stops the others
+                self.fail(video, error)
+                continue
+            if metadata is not None:
+                complete.append(video)
+                self.job.completed(video.key)
+            else:
+                waiting.append(video)
+        return complete, waiting
+
+    def end(self, videos: int, complete: Sequence[Video], waiting: Sequence[Video]) -> int:
+        """Log how the share ended, close the job's account; returns the exit status."""
+        counts = f"{len(complete)} of {videos} videos complete, {len(self.failures)} failed"
+        log(counts + (f", {len(waiting)} waiting for windows of other shares" if waiting else ""))
+        for message in self.failures:
+            log(f"  failed: {message}")
+        status = 1 if self.failures else 0
+        self.job.state(ENDED, status)
+        return status
+
+
+def log_computed(
+    done: dict[Video, dict[int, dict[str, Any]]], before: dict[Video, set[int]], device: torch.device
+) -> None:
+    """One line: the windows this job computed (those not `before`), their frames and seconds."""
+    computed = [
+        record for video, records in done.items() for window, record in records.items() if window not in before[video]
+    ]
+    if computed:
+        frames = sum(record["frames"] for record in computed)
+        seconds = sum(record["seconds"] for record in computed)
+        per_frame = f": {seconds / frames:.2f} s per sampled frame" if frames else ""
+        count = len(computed)
+        log(
+            f"computed {count} window{'s' * (count != 1)}, {frames} sampled frames in {seconds:.1f} s "
+            f"on {device}{per_frame}"
+        )

@@ -13,13 +13,14 @@ from typing import Any
 
 import av
 
-from sam3_pipeline.dataset import Unit, Video
+from sam3_pipeline.dataset import Unit, Video, assign_units
 from sam3_pipeline.files import read_record
 from sam3_pipeline.messages import VideoError, log, one_line
 from sam3_pipeline.options import RunSettings, Share
 from sam3_pipeline.outputs import output_problems, source_change, written_within
+from sam3_pipeline.progress import launch_plan
 from sam3_pipeline.video_io import VideoInfo, position_rate, read_video_info, seekable
-from sam3_pipeline.windows import plan_units, planned_frames
+from sam3_pipeline.windows import plan_units, planned_frames, window_count
 
 # A video that the system fails to read (a bucket mount's I/O error) is tried again 0.5, 1, 2 and 4 s later.
 PROBE_ATTEMPTS, PROBE_RETRY_SECONDS = 5, 0.5
@@ -184,3 +185,61 @@ def consecutive(numbers: Sequence[int]) -> list[list[int]]:
         else:
             runs.append([number])
     return runs
+
+
+@dataclasses.dataclass
+class Launch:
+    """What a job plans before its work, the same in every job of the launch but for `mine` and
+    `units`: `found` (triage), every video's units and the share of each (`assign_units`), this
+    job's units (`mine`, complete videos' included), those of the videos it works on (`units`),
+    and each video's planned window count."""
+
+    found: Triage
+    every_unit: list[Unit]
+    shards: list[int]
+    mine: list[Unit]
+    units: list[Unit]
+    planned: dict[Video, int]
+
+
+def plan_launch(
+    videos: Sequence[Video],
+    paths_of: dict[Video, dict[str, Path]],
+    settings: RunSettings,
+    share: Share,
+    overwrite: bool,
+) -> Launch:
+    """Triage and plan every video, split all their windows into shares and take this job's;
+    the log says which of its videos are complete and, for a job of several, its share.
+    PlanError where a video cannot be read to plan it (`triage`)."""
+    found = triage(videos, paths_of, settings, share, overwrite)
+    every_unit = [unit for video in videos for unit in units_of(video, found.plans[video], settings.chunk_frames)]
+    shards = assign_units(every_unit, share.count)
+    mine = [unit for unit, shard in zip(every_unit, shards, strict=True) if shard == share.index]
+    planned = {
+        video: window_count(plan and plan["positions"], settings.chunk_frames) for video, plan in found.plans.items()
+    }
+    for video in dict.fromkeys(unit.video for unit in mine if unit.video not in found.todo):
+        log(f"skip {video.path}: complete in {paths_of[video]['folder']} (--overwrite to redo)")
+    units = [unit for unit in mine if unit.video in found.todo]
+    if share.count > 1:
+        count = len({unit.video for unit in units})
+        windows = sum(len(unit_windows(unit, planned[unit.video])) for unit in units)
+        frames = sum(unit.weight for unit in units)
+        log(
+            f"shard {share.index}/{share.count}: {count} video{'s' * (count != 1)}, "
+            f"{windows} window{'s' * (windows != 1)}, ~{frames} sampled frames: "
+            f"{describe_units(units, planned)}"
+        )
+    return Launch(found, every_unit, shards, mine, units, planned)
+
+
+def launch_record(
+    launch: Launch, videos: Sequence[Video], settings: RunSettings, share: Share, overwrite: bool
+) -> dict[str, Any]:
+    """The launch's plan as the jobs' accounts keep it (`progress.launch_plan`): every job of the
+    launch writes the same one."""
+    complete_before = [video.key for video in videos if video not in launch.found.todo]
+    windows = planned_windows(launch.every_unit, launch.shards, launch.found.plans, settings.chunk_frames)
+    # a redo on purpose is another plan
+    return launch_plan(windows, complete_before, share.count, {**settings.record(), "overwrite": overwrite})
