@@ -374,3 +374,14 @@ def test_kaggle_token_alone_is_credentials(bench):
     status, output = bench.run(KAGGLE_USERNAME="", KAGGLE_KEY="", KAGGLE_API_TOKEN="KGAT_0123")
     assert status == 0, output
     assert len(bench.downloads()) == 1
+
+
+@pytest.mark.parametrize("spelling", ["{}/", "{}//", "{}/.", "{}/./"], ids=["slash", "two-slashes", "dot", "dot-slash"])
+def test_another_spelling_of_video_dir_finds_the_dataset_complete(bench, spelling):
+    assert bench.run()[0] == 0
+    status, output = bench.run(VIDEO_DIR=spelling.format(bench.dataset))
+    assert status == 0, output
+    assert f"Dataset already complete in {bench.dataset}\n" in output
+    assert len(bench.downloads()) == 1, "downloaded once"
+    bench.assert_complete()
+    assert not list(bench.dataset.glob("*.complete")), "no marker inside the dataset's folder"
