@@ -27,7 +27,7 @@ Frames stream through: a decode thread, SAM3 in the main thread and the outputs 
 work side by side, a few frames apart (--serial: one after another). The model is loaded once per run.
 With --num-shards > 1 a job waits --bucket-lag seconds at its end for other jobs' last windows
 (docs/pool-bucket.md). Exit status: 0 when every video is complete, 1 when any video failed (or a
-video could not be read to plan the shares), 2 on a usage error.
+folder could not be listed or a video read to plan the shares), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from sam3_pipeline.computing import Computation, ShareWork, log_computed
-from sam3_pipeline.dataset import collect_videos
+from sam3_pipeline.dataset import ListingError, collect_videos
 from sam3_pipeline.device import choose_device, choose_dtype, describe_device, leave_a_core_free
 from sam3_pipeline.messages import UsageError, log
 from sam3_pipeline.options import RunSettings, Share, parse_args
@@ -182,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except ListingError as error:  # a share made from part of the listing would not be the other jobs'
+        print(f"error: cannot list {error}; this job computes nothing and exits 1, to be retried", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,14 +6,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sam3_pipeline.messages import UsageError, log
+from sam3_pipeline.messages import UsageError, log, one_line
 from sam3_pipeline.outputs import output_paths
 from sam3_pipeline.windows import WINDOW_PART, WINDOWS_FOLDER
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
+# A listed file whose size cannot be read (a bucket mount's I/O error) is tried again 0.5 and 1 s later.
+LIST_ATTEMPTS, LIST_RETRY_SECONDS = 3, 0.5
+
+
+class ListingError(Exception):
+    """A folder or a listed file this job cannot read where other jobs may: the share it would make
+    from what it did list would not be theirs, so it makes none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +39,43 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def regular_file_size(path: Path) -> int | None:
+    """The size of a regular file (following symlinks), or None when `path` is something else.
+    OSError where it cannot be read."""
+    status = path.stat()
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
 def file_size(path: Path) -> int | None:
-    """The size of a regular file (following symlinks), or None when `path` is not one."""
+    """The size of a regular file given as such, or None when it is not one or cannot be read (it
+    then fails as a video, with its own error record)."""
     try:
-        status = path.stat()
+        return regular_file_size(path)
     except OSError:
         return None
-    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def listed_size(path: Path) -> int | None:
+    """The size of a file a folder's listing showed, or None when it is not a regular file (a
+    folder, a socket, a symlink to nothing: the same for every job). A size that cannot be read
+    (a bucket mount's I/O error; the file gone since the listing) is tried again, then
+    ListingError."""
+    for attempt in range(1, LIST_ATTEMPTS + 1):
+        try:
+            return regular_file_size(path)
+        except FileNotFoundError:
+            if path.is_symlink():  # a symlink to nothing
+                return None
+            problem = "listed, then not found"
+        except OSError as error:
+            problem = one_line(error)
+        if attempt < LIST_ATTEMPTS:
+            time.sleep(LIST_RETRY_SECONDS * attempt)
+    raise ListingError(f"{path}: {problem} ({LIST_ATTEMPTS} reads)")
+
+
+def refuse_unlistable(error: OSError) -> None:
+    raise ListingError(f"{error.filename}: {one_line(error)}")
 
 
 def find_videos(folder: Path, output_dir: Path) -> list[Video]:
@@ -47,14 +85,15 @@ def find_videos(folder: Path, output_dir: Path) -> list[Video]:
     `folder` is `output_dir` or lies in it, the result videos there (`<name>/<name>_segmented.mp4`)
     are left out, and so are the overlay parts of their windows (`<name>/windows/w00000.mp4`). So are
     hidden files and folders. Symlinked folders are not followed (as
-    `Path.rglob`); symlinked files are.
+    `Path.rglob`); symlinked files are. ListingError where a folder below or a listed file's size
+    cannot be read: every job lists every folder to make the same split.
     """
     # Compared resolved (symlinks, `..`); the folders walked are real ones, so `root / inside` is theirs.
     root, results = folder.resolve(), output_dir.resolve()
     in_output = results == root or results in root.parents
     skip = results.relative_to(root) if root in results.parents else None
     videos = []
-    for parent, folders, files in os.walk(folder):
+    for parent, folders, files in os.walk(folder, onerror=refuse_unlistable):
         here, inside = Path(parent), Path(os.path.relpath(parent, folder))
         folders[:] = [name for name in folders if not is_hidden(name) and inside / name != skip]
         result = output_paths(here.parent, here.name)["video"].name if in_output else None
@@ -65,7 +104,7 @@ def find_videos(folder: Path, output_dir: Path) -> list[Video]:
                 continue
             if windows and WINDOW_PART.fullmatch(name):
                 continue
-            size = file_size(path)
+            size = listed_size(path)
             if size is not None:
                 videos.append(Video(path, (inside / name).with_suffix("").as_posix(), size))
     return sorted(videos, key=lambda video: video.path)

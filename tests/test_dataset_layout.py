@@ -10,6 +10,7 @@ reproduced as it was reported.
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import process_segmentation as ps
-from sam3_pipeline import options, planning
+from sam3_pipeline import dataset, options, planning
 from sam3_pipeline.dataset import assign_units, collect_videos
 from test_job_shares import snapshot
 from test_summary import FAILED, complete, lay_out, read_summary, run_cli
@@ -339,3 +340,46 @@ def test_shares_do_not_change_when_a_duration_probe_fails_once(tmp_path, make_vi
     monkeypatch.setattr(planning.av, "open", failing_open)
     assert shares() == everywhere
     assert failed, "the probe failed once"
+
+
+def failing_for(path: Path, original, times: int | None):
+    """`original` (Path.stat, os.scandir), raising EIO for `path` the first `times` calls (None: always)."""
+    failures = []
+
+    def call(target, *args, **kwargs):
+        if str(target) == str(path) and (times is None or len(failures) < times):
+            failures.append(target)
+            raise OSError(5, "Input/output error", str(target))
+        return original(target, *args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("what", ["video", "folder"])
+def test_a_listing_that_fails_stops_the_job_in_one_line_before_any_share(
+    tmp_path, tiny_model_dir, make_video, capsys, monkeypatch, what
+):
+    """A folder or a listed video this worker cannot read (a bucket mount's I/O error, which other
+    workers need not get) would give this job a share made from part of the listing: it makes none."""
+    videos = make_dataset(tmp_path / "videos", {"a/1": 1, "b/1": 1}, make_video)
+    broken = videos / "b" / "1.mp4" if what == "video" else videos / "b"
+    monkeypatch.setattr(dataset, "LIST_RETRY_SECONDS", 0)
+    if what == "video":
+        monkeypatch.setattr(Path, "stat", failing_for(broken, Path.stat, times=None))
+    else:
+        monkeypatch.setattr(os, "scandir", failing_for(broken, os.scandir, times=None))
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(segment([videos], out, tiny_model_dir, "--shard-index", "1", "--num-shards", "2"), capsys)
+    assert code == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(broken) in errors[0] and "Input/output error" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert not out.exists(), "no share, no account, no output"
+
+
+def test_a_listed_video_whose_size_fails_once_is_listed_alike(tmp_path, make_video, monkeypatch):
+    videos = make_dataset(tmp_path / "videos", {"a/1": 1, "b/1": 2}, make_video)
+    expected = collect_videos([videos], tmp_path / "out")
+    monkeypatch.setattr(dataset, "LIST_RETRY_SECONDS", 0)
+    monkeypatch.setattr(Path, "stat", failing_for(videos / "b" / "1.mp4", Path.stat, times=2))
+    assert collect_videos([videos], tmp_path / "out") == expected
