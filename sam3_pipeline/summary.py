@@ -71,6 +71,12 @@ def assemble_ready(output_dir: Path, keys: Sequence[str]) -> None:
         log(f"assembled {key} from its {len(windows)} window{'s' if len(windows) > 1 else ''}")
 
 
+def removed(output_dir: Path, key: str) -> bool:
+    """Whether the file a failed video's error record names is gone from where it was."""
+    source = read_record(output_paths(output_dir, key)["error"]).get("source_path")
+    return bool(source) and not os.path.lexists(source)
+
+
 def summary_row(output_dir: Path, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """One video's entry in the summary, from what its folder under `output_dir` holds, and its
     complete metadata ({} unless done or partial).
@@ -139,7 +145,9 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
     into `output_dir` and print the counts.
 
     The videos are those `output_dir` holds results or error records of (`result_keys`), and those
-    among `inputs` (files or folders, as for a run), which count as missing when they have neither.
+    among `inputs` (files or folders, as for a run), which count as missing when they have neither;
+    with `inputs`, a failed video that is no longer among them and whose file is gone (removed
+    from the dataset) is left out, with a note: its failure is no longer the dataset's.
     A report: failed videos are not an error here. Jobs may run it at the same time.
     """
     if not output_dir.is_dir():
@@ -149,6 +157,16 @@ def summarize(output_dir: Path, inputs: Sequence[Path]) -> None:
         keys = result_keys(output_dir) | {video.key for video in videos}
         assemble_ready(output_dir, sorted(keys))
         results = [summary_row(output_dir, key) for key in sorted(keys)]
+        if inputs:  # the dataset as it is now: a failure of a video removed from it is no longer news
+            dataset = {video.key for video in videos}
+            gone = [
+                row["video"]
+                for row, _ in results
+                if row["status"] == "failed" and row["video"] not in dataset and removed(output_dir, row["video"])
+            ]
+            results = [(row, metadata) for row, metadata in results if row["video"] not in gone]
+            if gone:
+                log(f"note: left out {len(gone)} failed video(s) no longer among the inputs: {', '.join(gone)}")
         rows = [row for row, _ in results]
         counts = {
             status: sum(row["status"] == status for row in rows)

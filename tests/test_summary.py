@@ -295,3 +295,29 @@ def test_summary_usage_error_exits_2_with_one_line(tmp_path, capsys, args, messa
     assert code == 2
     assert message in stderr.splitlines()[-1]
     assert not (tmp_path / "summary.json").exists() and not stdout
+
+
+def test_a_failed_video_removed_from_the_dataset_is_left_out_of_the_summary(
+    tmp_path, tiny_model_dir, make_video, capsys
+):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "good.mp4", seconds=1, fps=5, size=(160, 96))
+    (videos / "broken.mp4").write_bytes(b"not a video" * 100)
+    out = tmp_path / "out"
+    code, _, _ = run_cli([videos, "--output-dir", out, "--model", tiny_model_dir, "--device", "cpu"], capsys)
+    assert code == 1
+    run_cli(["--summarize", out, videos], capsys)
+    assert read_summary(out)[0]["counts"]["failed"] == 1  # while it is in the dataset
+    (videos / "broken.mp4").unlink()  # the user removes the file that could not be read
+
+    code, stdout, stderr = run_cli(["--summarize", out, videos], capsys)
+    assert code == 0, stderr
+    summary, rows = read_summary(out)
+    assert summary["counts"] == {"done": 1, "partial": 0, "failed": 0, "missing": 0}
+    assert [row["video"] for row in rows] == ["good"]
+    assert "broken" not in (out / "index.html").read_text()
+    assert "left out 1 failed video(s) no longer among the inputs: broken" in stderr
+
+    code, _, _ = run_cli(["--summarize", out], capsys)  # no dataset given: every record is reported
+    assert read_summary(out)[0]["counts"]["failed"] == 1
